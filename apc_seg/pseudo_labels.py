@@ -1,0 +1,142 @@
+"""Online pseudo-labels: the one place where patch probabilities become pixel labels.
+
+The rule (spec section 3): zero the classes absent from the image, divide each class map by its spatial maximum,
+renormalise over classes, upsample to the crop, optionally refine with PAR, take the argmax, and mark pixels whose
+winning probability is below ``pseudo_label_threshold`` as ignored (255).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .labels import IGNORE_INDEX
+
+_EPS = 1e-6
+
+
+def mask_absent_classes(probs: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    """Zero the classes an image does not contain and renormalise over classes.
+
+    Args:
+        probs: `(B, C, ...)` per-patch (or per-pixel) class probabilities.
+        class_labels: `(B, C)` multi-hot image labels; background (index 0) is always kept.
+
+    Returns:
+        `(B, C, ...)` probabilities that sum to 1 over the present classes.
+    """
+    present = class_labels.to(probs.dtype).clone()
+    present[:, 0] = 1.0
+    present = present.view(*present.shape, *([1] * (probs.dim() - 2)))
+    masked = probs * present
+    return masked / masked.sum(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+def class_normalised_probs(patch_probs: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    """`(B, C, h, w)` patch probabilities -> label-masked maps, each class scaled by its spatial max, renormalised.
+
+    Dividing by the spatial maximum lets a class whose best patch is only moderately confident still win its own
+    region; without it a weak foreground class loses every pixel to a confident background.
+    """
+    present = class_labels.to(patch_probs.dtype).clone()
+    present[:, 0] = 1.0
+    maps = patch_probs * present[:, :, None, None]
+    maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(_EPS)
+    return maps / maps.sum(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+def _neighbour_offsets(dilations: list[int]) -> list[tuple[int, int, float]]:
+    # The 8 neighbours at each dilation (ToCo's PAR kernel), with their distance for the positional affinity.
+    offsets = []
+    for d in dilations:
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if dy or dx:
+                    offsets.append((dy * d, dx * d, math.hypot(dy, dx) * d))
+    return offsets
+
+
+def _gather_neighbours(x: torch.Tensor, offsets: list[tuple[int, int, float]], pad: int) -> torch.Tensor:
+    """`(B, C, H, W)` -> `(B, C, K, H, W)`: the value at each of K neighbour offsets, replicate-padded at borders."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, [pad] * 4, mode="replicate")
+    return torch.stack([padded[..., pad + dy: pad + dy + h, pad + dx: pad + dx + w] for dy, dx, _ in offsets], dim=2)
+
+
+def par_refine(
+    image: torch.Tensor,
+    probs: torch.Tensor,
+    dilations: list[int] = (1, 2, 4, 8, 12, 24),
+    iterations: int = 10,
+    w1: float = 0.3,
+    w2: float = 0.01,
+) -> torch.Tensor:
+    """Pixel-adaptive refinement (ToCo, Ru et al. CVPR 2023): propagate `probs` to neighbours of similar colour.
+
+    Args:
+        image: `(B, 3, H, W)` image (any affine normalisation; affinities are scale-free per channel).
+        probs: `(B, C, H, W)` class probabilities at the image's resolution.
+
+    Returns:
+        `(B, C, H, W)` refined probabilities, renormalised over classes (ToCo's affinity rows sum to `1 + w2`, which
+        would otherwise inflate scores by `(1 + w2) ** iterations` before our probability threshold).
+    """
+    dilations = [int(d) for d in dilations]
+    offsets = _neighbour_offsets(dilations)
+    pad = max(dilations)
+    image = image.float()
+    neighbours = _gather_neighbours(image, offsets, pad)  # B, 3, K, H, W
+    colour_dist = (neighbours - image.unsqueeze(2)).abs()
+    colour_std = neighbours.std(dim=2, keepdim=True)
+    colour_aff = -((colour_dist / (colour_std + 1e-8) / w1) ** 2).mean(dim=1, keepdim=True)  # B, 1, K, H, W
+    distance = torch.tensor([o[2] for o in offsets], device=image.device, dtype=image.dtype)
+    pos_aff = -((distance / (distance.std() + 1e-8) / w1) ** 2)
+    affinity = F.softmax(colour_aff, dim=2) + w2 * F.softmax(pos_aff, dim=0).view(1, 1, -1, 1, 1)
+    height, width = probs.shape[-2:]
+    refined = probs.float()
+    for _ in range(iterations):
+        # Accumulate neighbour by neighbour instead of stacking all K: memory stays O(B*C*H*W) for 81 COCO classes.
+        padded = F.pad(refined, [pad] * 4, mode="replicate")
+        refined = torch.zeros_like(refined)
+        for k, (dy, dx, _) in enumerate(offsets):
+            refined += padded[..., pad + dy: pad + dy + height, pad + dx: pad + dx + width] * affinity[:, :, k]
+    return refined / refined.sum(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+@torch.no_grad()
+def make_pseudo_labels(
+    patch_probs: torch.Tensor,
+    class_labels: torch.Tensor,
+    pixel_values: torch.Tensor,
+    threshold: float = 0.5,
+    refine: str = "par",
+    par_kwargs: dict | None = None,
+    par_scale: float = 0.5,
+) -> torch.Tensor:
+    """Pixel pseudo-labels for the decoder's loss.
+
+    Args:
+        patch_probs: `(B, C, h, w)` per-patch softmax probabilities.
+        class_labels: `(B, C)` multi-hot image labels (background always present).
+        pixel_values: `(B, 3, H, W)` the crop the labels are for.
+        threshold: pixels whose winning probability is below it become 255.
+        refine: `"par"` or `"none"`.
+        par_scale: PAR runs at this fraction of the crop resolution (ToCo: 0.5), then is upsampled.
+
+    Returns:
+        `(B, H, W)` int64 labels in `[0, C)` or 255.
+    """
+    height, width = pixel_values.shape[-2:]
+    probs = class_normalised_probs(patch_probs.float(), class_labels)
+    if refine == "par":
+        small = (max(1, round(height * par_scale)), max(1, round(width * par_scale)))
+        image = F.interpolate(pixel_values.float(), size=small, mode="bilinear", align_corners=False)
+        probs = F.interpolate(probs, size=small, mode="bilinear", align_corners=False)
+        probs = par_refine(image, probs, **(par_kwargs or {}))
+    elif refine != "none":
+        raise ValueError(f"refine={refine!r} is invalid: expected 'par' or 'none'.")
+    probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+    confidence, labels = probs.max(dim=1)
+    return labels.masked_fill(confidence < threshold, IGNORE_INDEX)

@@ -1,0 +1,148 @@
+"""The model as users load, save and call it (spec sections 2-4)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation, ViTConfig, ViTModel, pipeline
+
+from apc_seg import APCConfig, APCForSemanticSegmentation, APCImageProcessor, APCSemanticSegmenterOutput
+
+from conftest import TINY_BACKBONE, tiny_config
+
+
+def test_import_pulls_no_torchvision_or_timm():
+    code = "import sys, apc_seg, apc_seg.modeling_apc; print(sorted(m for m in ('torchvision', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_output_shapes(config):
+    model = APCForSemanticSegmentation(config).eval()
+    out = model(torch.randn(2, 3, 40, 56), output_hidden_states=True)
+    assert isinstance(out, APCSemanticSegmenterOutput) and out.loss is None
+    assert out.logits.shape == out.patch_logits.shape == (2, 3, 5, 7)
+    assert out.image_scores.shape == (2, 3) and ((0 <= out.image_scores) & (out.image_scores <= 1)).all()
+    assert len(out.hidden_states) == 3 and out.hidden_states[-1].shape == (2, 1 + 35, 32)
+    as_tuple = model(torch.randn(2, 3, 40, 56), return_dict=False)
+    assert len(as_tuple) == 3 and as_tuple[0].shape == (2, 3, 5, 7)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (32, 32), (24, 64), (72, 40)])
+def test_any_multiple_of_the_patch_size_works(config, size):
+    model = APCForSemanticSegmentation(config).eval()
+    out = model(torch.randn(1, 3, *size), class_labels=torch.tensor([[1.0, 1, 0]]))
+    assert out.logits.shape[-2:] == (size[0] // 8, size[1] // 8) and torch.isfinite(out.loss)
+
+
+def test_other_sizes_give_a_clear_error_and_the_processor_handles_them(config):
+    model = APCForSemanticSegmentation(config).eval()
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
+        model(torch.randn(1, 3, 30, 33))
+    processor = APCImageProcessor(size={"height": 32, "width": 32})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 33, 3), dtype=np.uint8))
+    inputs = processor(images=image, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 32, 32)
+    assert model(**inputs).logits.shape == (1, 3, 4, 4)
+
+
+def test_sdpa_and_eager_attention_agree(config):
+    sdpa = APCForSemanticSegmentation(config).eval()
+    eager_config = APCConfig.from_dict(config.to_dict())
+    eager_config._attn_implementation = "eager"
+    eager = APCForSemanticSegmentation(eager_config).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert sdpa.vit.config._attn_implementation == "sdpa" and eager.vit.config._attn_implementation == "eager"
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(sdpa(x).logits, eager(x).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_save_and_load_round_trip_exactly(tmp_path, config):
+    model = APCForSemanticSegmentation(config).eval()
+    model.save_pretrained(tmp_path)
+    APCImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    x = torch.randn(2, 3, 32, 48)
+    reference = model(x)
+    for loaded in (APCForSemanticSegmentation.from_pretrained(tmp_path), AutoModelForSemanticSegmentation.from_pretrained(tmp_path)):
+        assert isinstance(loaded, APCForSemanticSegmentation)
+        out = loaded.eval()(x)
+        assert torch.equal(out.logits, reference.logits) and torch.equal(out.image_scores, reference.image_scores)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), APCConfig)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(processor) is APCImageProcessor and processor.size["height"] == 32
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["image_processor_type"] == "APCImageProcessor"
+
+
+def test_pipeline_returns_masks_with_the_right_labels(tmp_path, config):
+    model = APCForSemanticSegmentation(config).eval()
+    with torch.no_grad():  # make "dog" win everywhere, so the pipeline must report exactly background-free "dog"
+        model.decoder.classifier.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+    model.save_pretrained(tmp_path)
+    APCImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    segmenter = pipeline("image-segmentation", model=str(tmp_path))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 61, 3), dtype=np.uint8))
+    result = segmenter(image)
+    assert [r["label"] for r in result] == ["dog"]
+    assert result[0]["mask"].size == (61, 45) and np.asarray(result[0]["mask"]).min() == 255
+
+
+def test_post_process_resizes_to_target(config):
+    model = APCForSemanticSegmentation(config).eval()
+    processor = APCImageProcessor(size={"height": 32, "width": 32})
+    image = Image.fromarray(np.zeros((45, 61, 3), dtype=np.uint8))
+    out = model(**processor(images=[image, image], return_tensors="pt"))
+    masks = processor.post_process_semantic_segmentation(out, target_sizes=[(45, 61), (20, 10)])
+    assert masks[0].shape == (45, 61) and masks[1].shape == (20, 10) and masks[0].max() < 3
+
+
+def test_from_pretrained_backbone_loads_every_vit_weight(tmp_path):
+    vit = ViTModel(ViTConfig(**TINY_BACKBONE), add_pooling_layer=False)
+    vit.save_pretrained(tmp_path)
+    model = APCForSemanticSegmentation.from_pretrained_backbone(str(tmp_path), config=tiny_config())
+    info = model.backbone_loading_info
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert set(info["new_modules"]) == {"mixer", "classifier", "decoder"}
+    for name, tensor in vit.state_dict().items():
+        assert torch.equal(model.vit.state_dict()[name], tensor), name
+
+
+def test_from_pretrained_backbone_takes_the_checkpoints_vit_config(tmp_path):
+    backbone = dict(TINY_BACKBONE, hidden_size=48, num_attention_heads=4)
+    ViTModel(ViTConfig(**backbone), add_pooling_layer=False).save_pretrained(tmp_path)
+    model = APCForSemanticSegmentation.from_pretrained_backbone(str(tmp_path), config=tiny_config())
+    assert model.config.hidden_size == 48 and model.classifier.in_features == 48
+
+
+def test_new_modules_are_initialised_when_loading_a_checkpoint_without_them(tmp_path, config):
+    # Weights missing from a checkpoint get _init_weights, not uninitialised memory (transformers builds on meta).
+    model = APCForSemanticSegmentation(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("mixer.")}
+    from safetensors.torch import save_file
+    config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    loaded = APCForSemanticSegmentation.from_pretrained(tmp_path)
+    for name, p in loaded.mixer.named_parameters():
+        assert torch.isfinite(p).all() and p.abs().max() < 10, name
+        assert p.abs().sum() > 0 or "bias" in name, name
+
+
+def test_processor_and_inference_on_real_voc_photos(config):
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "voc" / "JPEGImages"
+    if not folder.is_dir():
+        pytest.skip(f"real VOC samples not found at {folder}")
+    model = APCForSemanticSegmentation(config).eval()
+    processor = APCImageProcessor(size={"height": 64, "width": 64})
+    images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.jpg"))]
+    assert len(images) == 7 and len({im.size for im in images}) > 1
+    with torch.no_grad():
+        out = model(**processor(images=images, return_tensors="pt"))
+    masks = processor.post_process_semantic_segmentation(out, target_sizes=[im.size[::-1] for im in images])
+    assert [tuple(m.shape) for m in masks] == [im.size[::-1] for im in images]
