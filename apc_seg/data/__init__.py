@@ -6,3 +6,13 @@ Every loader returns a ``datasets.DatasetDict`` whose rows are
 
 from .common import BadInputError, labels_from_mask, num_labels_of, skipped_count
 from .voc import load_voc
+from .synthetic import make_synthetic, write_voc
+from .transforms import (
+    VIT_MEAN,
+    VIT_STD,
+    EvalTransform,
+    TrainTransform,
+    class_labels_to_multi_hot,
+    collate_fn,
+    sample_rng,
+)
