@@ -1,0 +1,232 @@
+"""Evaluation with the standard protocol: full images, confusion-matrix mIoU ignoring 255, optional multi-scale +
+flip and dense CRF; `--mode pseudo` judges the training pseudo-labels instead of the decoder.
+
+    apc-eval --model apc-voc --dataset voc --data_dir data/VOCdevkit --split val --scales 1.0,1.25,1.5 --flip
+    accelerate launch --num_processes 2 -m apc_seg.evaluation --model apc-voc --dataset voc --data_dir ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.transforms import EvalTransform, class_labels_to_multi_hot
+from .metrics import StreamingConfusionMatrix, format_iou_table
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """`"1.0,1.25,1.5"` -> `(1.0, 1.25, 1.5)`; raises `ValueError` with the offending text."""
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--scales {text!r} is not a comma-separated list of numbers, e.g. 1.0,1.25,1.5") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"--scales {text!r} must list one or more positive numbers, e.g. 1.0,1.25,1.5")
+    return scales
+
+
+def _resize_to_patch_multiple(pixel_values: torch.Tensor, scale: float, patch: int) -> torch.Tensor:
+    height, width = pixel_values.shape[-2:]
+    size = (max(patch, round(height * scale / patch) * patch), max(patch, round(width * scale / patch) * patch))
+    if size == (height, width):
+        return pixel_values
+    return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model, pixel_values: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False
+) -> torch.Tensor:
+    """Decoder class probabilities `(B, C, H, W)` at the input's resolution, averaged over scales and flips.
+
+    Each scale resizes the image to the nearest multiple of the patch size, so any image size can be evaluated.
+    """
+    height, width = pixel_values.shape[-2:]
+    patch = model.config.patch_size
+    total = None
+    for scale in scales:
+        scaled = _resize_to_patch_multiple(pixel_values, scale, patch)
+        for flipped in (False, True) if flip else (False,):
+            inputs = scaled.flip(-1) if flipped else scaled
+            logits = model(pixel_values=inputs).logits.float()
+            if flipped:
+                logits = logits.flip(-1)
+            probs = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False).softmax(1)
+            total = probs if total is None else total + probs
+    return total / (len(scales) * (2 if flip else 1))
+
+
+@torch.no_grad()
+def predict_pseudo_labels(model, pixel_values: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    """The model's training pseudo-labels `(B, H, W)` for images of any size (resized to a patch multiple)."""
+    height, width = pixel_values.shape[-2:]
+    scaled = _resize_to_patch_multiple(pixel_values, 1.0, model.config.patch_size)
+    labels = model.pseudo_labels(scaled, class_labels)
+    if labels.shape[-2:] != (height, width):
+        labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
+    return labels
+
+
+def _same_size_batches(dataset, indices: list[int], batch_size: int):
+    """Consecutive examples of equal image size, at most `batch_size` each: batching never pads an image."""
+    batch, size = [], None
+    for index in indices:
+        example = dataset[index]
+        example_size = example["image"].size
+        if batch and (example_size != size or len(batch) == batch_size):
+            yield batch
+            batch = []
+        batch.append(example)
+        size = example_size
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    dataset,
+    mode: str = "decoder",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    crf: bool = False,
+    batch_size: int = 8,
+    accelerator=None,
+    max_images: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """mIoU of `model` on a dataset in the apc-seg schema (rows with `image`, `mask`, `class_labels`).
+
+    Args:
+        mode: `"decoder"` (the segmenter's predictions) or `"pseudo"` (the pseudo-labels made with the true image
+            labels, as the decoder is trained on them; pixels they leave ignored count as background, as is usual
+            when pseudo-labels are scored).
+        accelerator: with several processes, each scores its shard and the confusion matrices are summed, so the
+            result equals the single-process one.
+        max_images: score only the first `max_images` examples (e.g. a quick check during training).
+        mean, std: normalisation; defaults to the model's image processor convention (ViT 0.5/0.5).
+
+    Returns:
+        `apc_seg.metrics.miou_from_confusion` output (`miou`, `per_class_iou`, `pixel_accuracy`, ...).
+    """
+    if mode not in ("decoder", "pseudo"):
+        raise ValueError(f"mode={mode!r} is invalid: expected 'decoder' or 'pseudo'.")
+    num_labels = model.config.num_labels
+    device = next(model.parameters()).device
+    transform = EvalTransform(size=None, **({"mean": mean} if mean else {}), **({"std": std} if std else {}))
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    indices = list(range(rank, count, world))
+    metric = StreamingConfusionMatrix(num_labels, device=device)
+    was_training = model.training
+    model.eval()
+    for examples in _same_size_batches(dataset, indices, batch_size):
+        samples = [transform.apply(ex["image"], ex["mask"]) for ex in examples]
+        pixel_values = torch.stack([s["pixel_values"] for s in samples]).to(device)
+        targets = torch.stack([s["pixel_labels"] for s in samples]).to(device)
+        if mode == "pseudo":
+            class_labels = torch.stack([class_labels_to_multi_hot(ex["class_labels"], num_labels) for ex in examples])
+            pred = predict_pseudo_labels(model, pixel_values, class_labels.to(device))
+            pred = pred.masked_fill(pred == 255, 0)
+        else:
+            probs = predict_probabilities(model, pixel_values, scales, flip)
+            if crf:
+                from .crf import dense_crf
+
+                probs = torch.stack([
+                    torch.as_tensor(dense_crf(np.asarray(ex["image"].convert("RGB")), p.cpu().numpy()))
+                    for ex, p in zip(examples, probs)
+                ]).to(device)
+            pred = probs.argmax(1)
+        metric.update(pred, targets)
+    if was_training:
+        model.train()
+    class_names = [model.config.id2label[i] for i in range(num_labels)]
+    return metric.compute(accelerator, class_names=class_names)
+
+
+def load_split(dataset: str, data_dir: str | None, split: str, skip_bad_images: bool = False, seed: int = 0):
+    """One split of `voc`, `coco` or `synthetic` (the synthetic data is generated; `data_dir` then unused)."""
+    from . import data
+
+    if dataset == "synthetic":
+        from .data.synthetic import make_synthetic
+
+        return make_synthetic(seed=seed)[split]
+    if data_dir is None:
+        raise ValueError(f"--data_dir is required for --dataset {dataset}")
+    if dataset == "voc":
+        return data.load_voc(data_dir, splits=[split], skip_bad_images=skip_bad_images)[split]
+    if dataset == "coco":
+        return data.load_coco(data_dir, splits=[split], skip_bad_images=skip_bad_images)[split]
+    raise ValueError(f"--dataset {dataset!r} is invalid: expected voc, coco or synthetic")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, non-zero exit, naming the flag (argparse's message does)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="apc-eval", description="Evaluate an APC model (mIoU, standard protocol).")
+    parser.add_argument("--model", required=True, help="A trained APC folder or Hub id.")
+    parser.add_argument("--dataset", choices=("voc", "coco", "synthetic"), default="voc")
+    parser.add_argument("--data_dir", help="VOCdevkit / COCO root (not needed for synthetic).")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--scales", default="1.0", help="Comma-separated test scales, e.g. 1.0,1.25,1.5.")
+    parser.add_argument("--flip", action="store_true", help="Also average the horizontally flipped image.")
+    parser.add_argument("--crf", action="store_true", help="Refine with a dense CRF (pip install 'apc-seg[crf]').")
+    parser.add_argument("--mode", choices=("decoder", "pseudo"), default="decoder",
+                        help="decoder: the segmenter; pseudo: the pseudo-labels (use a train split).")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_images", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic dataset.")
+    parser.add_argument("--skip_bad_images", action="store_true")
+    parser.add_argument("--output_json", help="Write miou, per_class_iou, pixel_accuracy here.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        scales = parse_scales(args.scales)
+    except ValueError as error:
+        build_parser().error(str(error))
+    if args.crf:
+        from .crf import _import_densecrf
+
+        try:
+            _import_densecrf()
+        except ImportError as error:
+            build_parser().error(f"--crf: {error}")
+    from accelerate import Accelerator
+
+    from .modeling_apc import APCForSemanticSegmentation
+
+    accelerator = Accelerator()
+    try:
+        dataset = load_split(args.dataset, args.data_dir, args.split, args.skip_bad_images, args.seed)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"apc-eval: error: {error}", file=sys.stderr)
+        return 2
+    model = APCForSemanticSegmentation.from_pretrained(args.model).to(accelerator.device)
+    result = evaluate(model, dataset, mode=args.mode, scales=scales, flip=args.flip, crf=args.crf,
+                      batch_size=args.batch_size, accelerator=accelerator, max_images=args.max_images)
+    if accelerator.is_main_process:
+        print(format_iou_table(result))
+        if args.output_json:
+            Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output_json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""Train APC with Accelerate, in one stage, from image-level labels.
+
+    apc-train --recipe synthetic                                   # built-in data, 2 CPU cores, a few minutes
+    apc-train --recipe voc --data_dir data/VOCdevkit --model_name_or_path google/vit-base-patch16-224
+    accelerate launch --num_processes 4 -m apc_seg.train --recipe coco --data_dir data/coco ...
+
+A recipe sets every default; any flag overrides it. The loop is plain and reads top to bottom: data, model,
+optimiser, schedule, resume, steps (with checkpoints and validation), then the saved model, metrics and card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # ToCo/APC VOC setting: train_aug, 448 crops, global batch 8, 20k steps, 1.5k warm-up, bf16 on GPU.
+    "voc": dict(
+        dataset="voc", train_split=None, val_split="val", output_dir="apc-voc",
+        model_name_or_path="google/vit-base-patch16-224", backbone=None,
+        max_train_steps=20_000, per_device_train_batch_size=8, learning_rate=6e-5, backbone_lr_ratio=0.1,
+        weight_decay=0.01, warmup_steps=1500, seg_warmup_steps=1500, crop_size=448, mixed_precision="bf16",
+        checkpointing_steps=2000, eval_steps=2000, eval_max_images=None, pseudo_eval_max_images=500,
+        logging_steps=50, num_workers=8, config_overrides="",
+    ),
+    "coco": dict(
+        dataset="coco", train_split="train", val_split="val", output_dir="apc-coco",
+        model_name_or_path="google/vit-base-patch16-224", backbone=None,
+        max_train_steps=80_000, per_device_train_batch_size=8, learning_rate=6e-5, backbone_lr_ratio=0.1,
+        weight_decay=0.01, warmup_steps=1500, seg_warmup_steps=1500, crop_size=448, mixed_precision="bf16",
+        checkpointing_steps=5000, eval_steps=10_000, eval_max_images=5000, pseudo_eval_max_images=500,
+        logging_steps=50, num_workers=8, config_overrides="",
+    ),
+    # A tiny ViT from scratch on the built-in synthetic data: the quick start, the tests and the learning bench.
+    "synthetic": dict(
+        dataset="synthetic", train_split="train", val_split="val", output_dir="apc-synthetic",
+        model_name_or_path=None,
+        backbone=dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, intermediate_size=192,
+                      patch_size=8, image_size=96),
+        max_train_steps=600, per_device_train_batch_size=16, learning_rate=1e-3, backbone_lr_ratio=0.1,
+        weight_decay=0.01, warmup_steps=60, seg_warmup_steps=300, crop_size=96, mixed_precision="no",
+        checkpointing_steps=200, eval_steps=200, eval_max_images=None, pseudo_eval_max_images=256,
+        logging_steps=20, num_workers=0,
+        config_overrides="decoder_hidden_size=64,decoder_dilation=2,pcl_max_patches=64,par_dilations=1;2;4",
+        num_train_images=1024, num_val_images=256,
+    ),
+}
+
+# Flags whose default comes from the recipe (argparse default None means "take the recipe's").
+_RECIPE_KEYS = sorted({key for recipe in RECIPES.values() for key in recipe} - {"backbone"})
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="apc-train", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="synthetic",
+                   help="Sets every default below (see docs/training.md); any flag overrides it.")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=("voc", "coco", "synthetic"), help="Recipe default.")
+    g.add_argument("--data_dir", help="VOCdevkit (VOC) or COCO root; not needed for synthetic.")
+    g.add_argument("--train_split", help="VOC: train_aug when SBD masks are present, else train.")
+    g.add_argument("--val_split", help="Validation split (masks needed).")
+    g.add_argument("--num_train_images", type=_positive_int, help="Synthetic only: images generated for train.")
+    g.add_argument("--num_val_images", type=_positive_int, help="Synthetic only: images generated for val.")
+    g.add_argument("--crop_size", type=_positive_int, help="Training crop (a multiple of the patch size).")
+    g.add_argument("--num_workers", type=int, help="DataLoader workers per process.")
+    g.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images with a warning.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model_name_or_path",
+                   help="A ViT checkpoint (new APC model on it) or an APC checkpoint (continue); 'none' = scratch.")
+    g.add_argument("--config_overrides", help='APCConfig fields, e.g. "akp_ratio=0.6,pooling=max" (lists: 1;2;4).')
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max_train_steps", type=_positive_int)
+    g.add_argument("--per_device_train_batch_size", type=_positive_int)
+    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    g.add_argument("--learning_rate", type=float, help="Learning rate of the new layers.")
+    g.add_argument("--backbone_lr_ratio", type=float, help="Backbone lr = learning_rate x this (paper: 0.1).")
+    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--warmup_steps", type=int, help="Linear warm-up, then poly(0.9) decay.")
+    g.add_argument("--seg_warmup_steps", type=int, help="Decoder loss switched on after this many steps.")
+    g.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients (off by default).")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"),
+                   help="Recipe default (bf16 for VOC/COCO; falls back to 'no' on a CPU for speed).")
+    g.add_argument("--torch_compile", action="store_true", help="torch.compile the model.")
+    g = p.add_argument_group("checkpoints, evaluation, logging")
+    g.add_argument("--output_dir")
+    g.add_argument("--checkpointing_steps", type=_positive_int)
+    g.add_argument("--checkpoints_total_limit", type=_positive_int, default=2)
+    g.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
+    g.add_argument("--eval_steps", type=_positive_int, help="Validate every N steps (and at the end).")
+    g.add_argument("--eval_max_images", type=_positive_int, help="Validate on the first N images only.")
+    g.add_argument("--pseudo_eval_max_images", type=_positive_int,
+                   help="Judge the pseudo-labels on the first N train images at the end.")
+    g.add_argument("--logging_steps", type=_positive_int)
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none.")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", help="Defaults to the output folder's name under your user.")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    for key in _RECIPE_KEYS:
+        if getattr(args, key, None) is None:
+            setattr(args, key, recipe.get(key))
+    args.backbone = recipe.get("backbone")
+    if args.model_name_or_path in ("none", ""):
+        args.model_name_or_path = None
+    if args.dataset != "synthetic" and not args.data_dir:
+        parser.error(f"--data_dir is required for --dataset {args.dataset} (see docs/data.md for the layout)")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        parser.error(f"--data_dir {args.data_dir} does not exist")
+    try:
+        args.config_overrides = parse_config_overrides(args.config_overrides)
+    except ValueError as error:
+        parser.error(f"--config_overrides: {error}")
+    out = Path(args.output_dir)
+    probe = out if out.exists() else next((q for q in out.resolve().parents if q.exists()), Path("/"))
+    if not os.access(probe, os.W_OK):
+        parser.error(f"--output_dir {args.output_dir} is not writable")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint folder")
+    return args
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """`"akp_ratio=0.6,pooling=max,par_dilations=1;2;4"` -> typed values checked against `APCConfig`."""
+    from .configuration_apc import APCConfig
+
+    defaults = APCConfig(backbone_config={"hidden_size": 8, "num_attention_heads": 1}).to_dict()
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults or key in ("backbone_config", "id2label", "label2id"):
+            raise ValueError(f"{item!r} is not FIELD=VALUE with an APCConfig field (e.g. akp_ratio=0.6)")
+        default = defaults[key]
+        if isinstance(default, bool):
+            overrides[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, (list, tuple)):
+            overrides[key] = [type(default[0])(v) for v in value.split(";")]
+        elif isinstance(default, (int, float)):
+            overrides[key] = type(default)(value)
+        else:
+            overrides[key] = value
+    return overrides
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def load_datasets(args):
+    """The recipe's train and validation splits in the apc-seg schema, and the dataset's class names."""
+    from .labels import COCO_CLASSES, SYNTHETIC_CLASSES, VOC_CLASSES
+
+    if args.dataset == "synthetic":
+        from .data.synthetic import make_synthetic
+
+        data = make_synthetic(num_train=args.num_train_images, num_val=args.num_val_images, num_test=0,
+                              image_size=args.crop_size, seed=args.seed)
+        return data["train"], data["val"], SYNTHETIC_CLASSES
+    if args.dataset == "voc":
+        from .data import load_voc
+
+        if args.train_split is None:
+            root = Path(args.data_dir)
+            has_aug = any((d / "SegmentationClassAug").is_dir() for d in (root, root / "VOC2012",
+                                                                           root / "VOCdevkit" / "VOC2012"))
+            args.train_split = "train_aug" if has_aug else "train"
+        data = load_voc(args.data_dir, splits=[args.train_split, args.val_split],
+                        skip_bad_images=args.skip_bad_images)
+        return data[args.train_split], data[args.val_split], VOC_CLASSES
+    from .data import load_coco
+
+    data = load_coco(args.data_dir, splits=[args.train_split, args.val_split], skip_bad_images=args.skip_bad_images)
+    return data[args.train_split], data[args.val_split], COCO_CLASSES
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+
+def build_model(args, class_names):
+    from transformers import AutoConfig
+
+    from .configuration_apc import APCConfig
+    from .modeling_apc import APCForSemanticSegmentation
+
+    id2label = dict(enumerate(class_names))
+    path = args.model_name_or_path
+    if path is not None:
+        source_type = AutoConfig.from_pretrained(path).model_type
+        if source_type == "apc":  # continue training an APC checkpoint
+            model = APCForSemanticSegmentation.from_pretrained(path, **args.config_overrides)
+            if model.config.num_labels != len(class_names):
+                raise ValueError(f"--model_name_or_path {path} has {model.config.num_labels} labels but the "
+                                 f"{args.dataset} dataset has {len(class_names)}")
+            return model
+        config = APCConfig(id2label=id2label, **args.config_overrides)
+        return APCForSemanticSegmentation.from_pretrained_backbone(path, config=config)
+    config = APCConfig(backbone_config=args.backbone, id2label=id2label, **args.config_overrides)
+    return APCForSemanticSegmentation(config)
+
+
+def build_optimizer(model, args, fused: bool):
+    """AdamW with the backbone at `learning_rate * backbone_lr_ratio` and no decay on biases and norms."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        backbone = name.startswith("vit.")
+        decay = param.ndim >= 2 and "position_embeddings" not in name and "cls_token" not in name
+        groups.setdefault((backbone, decay), []).append(param)
+    param_groups = [
+        {"params": params, "lr": args.learning_rate * (args.backbone_lr_ratio if backbone else 1.0),
+         "weight_decay": args.weight_decay if decay else 0.0}
+        for (backbone, decay), params in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(param_groups, lr=args.learning_rate, fused=fused or None)
+
+
+def warmup_poly_schedule(optimizer, warmup_steps: int, total_steps: int, power: float = 0.9):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 1.0 - progress) ** power
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.split("_")[-1])
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    folder = output_dir / "checkpoints"
+    found = [p for p in folder.glob("step_*") if (p / "apc_run.json").exists()] if folder.is_dir() else []
+    return sorted(found, key=_checkpoint_step)
+
+
+def run_fingerprint(model, args) -> dict[str, Any]:
+    """What must match for a resume to be exact: the model config and the data/optimisation settings."""
+    keys = ("dataset", "train_split", "crop_size", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "seed", "num_train_images", "max_train_steps", "warmup_steps")
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation"):
+        config.pop(volatile, None)
+        config.get("backbone_config", {}).pop(volatile, None)
+    return {"config": config, "args": {k: getattr(args, k) for k in keys}}
+
+
+def check_resumable(checkpoint: Path, fingerprint: dict) -> None:
+    saved = json.loads((checkpoint / "apc_run.json").read_text())["fingerprint"]
+    for part in ("config", "args"):
+        diff = sorted(k for k in set(saved[part]) | set(fingerprint[part])
+                      if saved[part].get(k) != fingerprint[part].get(k))
+        if diff:
+            details = ", ".join(f"{k}: checkpoint {saved[part].get(k)!r} vs now {fingerprint[part].get(k)!r}"
+                                for k in diff[:5])
+            raise SystemExit(f"apc-train: error: --resume_from_checkpoint {checkpoint} was made with a different "
+                             f"{'model config' if part == 'config' else 'run'} ({details}); resume with the same "
+                             "flags, or start a new --output_dir.")
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    import datasets
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from .data.transforms import TrainTransform, collate_fn
+    from .evaluation import evaluate
+    from .image_processing_apc import APCImageProcessor
+
+    output_dir = Path(args.output_dir)
+    mixed_precision = args.mixed_precision
+    if mixed_precision != "no" and not torch.cuda.is_available():
+        mixed_precision = "no"  # bf16 on a CPU is slower than fp32 for these ops; results match within tolerance
+    report_to = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if not accelerator.is_main_process:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data
+    with accelerator.main_process_first():
+        train_set, val_set, class_names = load_datasets(args)
+    num_labels = len(class_names)
+    transform = TrainTransform(crop_size=args.crop_size, seed=args.seed)
+    train_loader = torch.utils.data.DataLoader(
+        train_set.with_transform(transform), batch_size=args.per_device_train_batch_size, shuffle=True,
+        drop_last=True, num_workers=args.num_workers, collate_fn=partial(collate_fn, num_labels=num_labels),
+        pin_memory=torch.cuda.is_available(),
+    )
+
+    # Model, optimiser, schedule
+    model = build_model(args, class_names)
+    if args.crop_size % model.config.patch_size:
+        raise SystemExit(f"apc-train: error: --crop_size {args.crop_size} is not a multiple of the patch size "
+                         f"{model.config.patch_size}")
+    optimizer = build_optimizer(model, args, fused=torch.cuda.is_available())
+    scheduler = warmup_poly_schedule(optimizer, args.warmup_steps, args.max_train_steps)
+    fingerprint = run_fingerprint(model, args)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if args.torch_compile:
+        model = torch.compile(model)
+    unwrapped = accelerator.unwrap_model(model)
+    if report_to:
+        accelerator.init_trackers("apc", config={k: v for k, v in vars(args).items()
+                                                 if isinstance(v, (int, float, str, bool))})
+
+    # Resume
+    global_step = 0
+    if args.resume_from_checkpoint:
+        checkpoints = list_checkpoints(output_dir)
+        if args.resume_from_checkpoint == "latest":
+            checkpoint = checkpoints[-1] if checkpoints else None
+        else:
+            checkpoint = Path(args.resume_from_checkpoint)
+        if checkpoint is None:
+            accelerator.print(f"No checkpoint in {output_dir / 'checkpoints'}; starting from step 0.")
+        else:
+            check_resumable(checkpoint, fingerprint)
+            accelerator.load_state(str(checkpoint))
+            global_step = _checkpoint_step(checkpoint)
+            accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
+    updates_per_epoch = len(train_loader) // args.gradient_accumulation_steps
+    if updates_per_epoch == 0:
+        raise SystemExit(f"apc-train: error: the training split has {len(train_set)} images, fewer than one "
+                         f"batch of --per_device_train_batch_size {args.per_device_train_batch_size} per process")
+
+    # Train
+    state = {"best_val_miou": -1.0, "best_step": None, "history": []}
+    if global_step:
+        state = json.loads((checkpoint / "apc_run.json").read_text())["state"]
+    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
+                    desc="apc-train")
+    start_time, images_seen, window_start = time.time(), 0, time.time()
+    model.train()
+    epoch = global_step // updates_per_epoch
+    while global_step < args.max_train_steps:
+        transform.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
+        if skip:
+            loader = accelerator.skip_first_batches(train_loader, skip)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                out = model(pixel_values=batch["pixel_values"], class_labels=batch["class_labels"],
+                            use_seg_loss=global_step >= args.seg_warmup_steps)
+                accelerator.backward(out.loss)
+                if args.max_grad_norm and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            images_seen += batch["pixel_values"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            if global_step % args.logging_steps == 0:  # the only host-device syncs of the loop
+                elapsed = time.time() - window_start
+                logs = {f"loss/{k}": v.item() for k, v in out.loss_terms.items()}
+                logs.update({"loss/total": out.loss.item(), "lr": scheduler.get_last_lr()[-1],
+                             "images_per_second": images_seen / max(elapsed, 1e-9)})
+                progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()})
+                accelerator.log(logs, step=global_step)
+                images_seen, window_start = 0, time.time()
+            if global_step % args.eval_steps == 0 or global_step == args.max_train_steps:
+                result = evaluate(unwrapped, val_set, accelerator=accelerator, max_images=args.eval_max_images)
+                accelerator.log({"val/miou": result["miou"]}, step=global_step)
+                state["history"].append({"step": global_step, "val_miou": result["miou"]})
+                progress.write(f"step {global_step}: val mIoU {100 * result['miou']:.2f}")
+                if result["miou"] > state["best_val_miou"]:
+                    state.update(best_val_miou=result["miou"], best_step=global_step)
+                    if accelerator.is_main_process:
+                        unwrapped.save_pretrained(output_dir / "best")
+                model.train()
+            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+                save_checkpoint(accelerator, output_dir, global_step, fingerprint, state, args.checkpoints_total_limit)
+            if global_step >= args.max_train_steps:
+                break
+        epoch += 1
+    progress.close()
+    train_seconds = time.time() - start_time
+
+    # Final model, metrics and card
+    accelerator.wait_for_everyone()
+    val_result = evaluate(unwrapped, val_set, accelerator=accelerator, max_images=args.eval_max_images)
+    pseudo_result = evaluate(unwrapped, train_set, mode="pseudo", accelerator=accelerator,
+                             max_images=args.pseudo_eval_max_images)
+    if accelerator.is_main_process:
+        finish(args, unwrapped, output_dir, class_names, val_result, pseudo_result, state, global_step,
+               train_seconds, mixed_precision, APCImageProcessor)
+    accelerator.end_training()
+    return 0
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, fingerprint: dict, state: dict, limit: int) -> None:
+    """`accelerator.save_state` (model, optimiser, schedule, RNGs) plus what the loop needs to resume exactly."""
+    path = output_dir / "checkpoints" / f"step_{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        # Written last: a folder without apc_run.json is an interrupted save and is never resumed from.
+        (path / "apc_run.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint, "state": state},
+                                                      indent=2))
+        for old in list_checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def hardware_description(mixed_precision: str, num_processes: int = 1) -> str:
+    if torch.cuda.is_available():
+        device = f"{num_processes}x {torch.cuda.get_device_name(0)}"
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"{device}, mixed precision {mixed_precision}, torch {torch.__version__}"
+
+
+def finish(args, model, output_dir, class_names, val_result, pseudo_result, state, step, seconds, precision,
+           processor_class) -> None:
+    from .model_card import make_model_card
+
+    model.save_pretrained(output_dir)
+    processor_class(size={"height": args.crop_size, "width": args.crop_size}).save_pretrained(output_dir)
+    metrics = {
+        "val_miou": val_result["miou"],
+        "val_per_class_iou": dict(zip(class_names, val_result["per_class_iou"])),
+        "train_pseudo_miou": pseudo_result["miou"],
+        "train_pseudo_per_class_iou": dict(zip(class_names, pseudo_result["per_class_iou"])),
+        "best_val_miou": state["best_val_miou"],
+        "best_step": state["best_step"],
+        "val_history": state["history"],
+        "train_steps": step,
+        "train_seconds": round(seconds, 1),
+        "hardware": hardware_description(precision),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    recipe = {k: v for k, v in vars(args).items() if k not in ("push_to_hub", "hub_model_id", "report_to")
+              and isinstance(v, (int, float, str, bool, dict)) and v not in (None, {})}
+    card = make_model_card(model_id=args.hub_model_id or output_dir.name, dataset_name=args.dataset,
+                           class_names=list(class_names), recipe=recipe, metrics=metrics,
+                           hardware=metrics["hardware"], base_model=args.model_name_or_path)
+    (output_dir / "README.md").write_text(card)
+    print(f"val mIoU {100 * metrics['val_miou']:.2f}, train pseudo-label mIoU "
+          f"{100 * metrics['train_pseudo_miou']:.2f}; model saved to {output_dir}")
+    if args.push_to_hub:
+        from .hub import push_to_hub
+
+        push_to_hub(output_dir, args.hub_model_id or output_dir.name,
+                    commit_message=f"apc-train --recipe {args.recipe}: {step} steps")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
