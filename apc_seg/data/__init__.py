@@ -4,6 +4,7 @@ Every loader returns a ``datasets.DatasetDict`` whose rows are
 ``{"image": PIL RGB, "mask": PIL index mask or None, "class_labels": [foreground ids], "image_id": str}``.
 """
 
+from .coco import load_coco, load_coco_instances, render_coco_mask
 from .common import BadInputError, labels_from_mask, num_labels_of, skipped_count
 from .voc import load_voc
 from .synthetic import make_synthetic, write_voc
