@@ -194,7 +194,7 @@ def default_cache_dir() -> str:
     return str(datasets.config.HF_DATASETS_CACHE)
 
 
-def _generate(records: list, make_example: Callable, report_path: str, skip_bad_images: bool):
+def _generate(records: list, make_example: Callable, report_path: str, skip_bad_images: bool, empty_message: str):
     """The generator behind ``Dataset.from_generator``: decodes each record, skipping or raising on bad input."""
     skipped = []
     for record in records:
@@ -207,6 +207,8 @@ def _generate(records: list, make_example: Callable, report_path: str, skip_bad_
             skipped.append(str(err))
             continue
         yield example
+    if len(skipped) == len(records):
+        raise BadInputError(empty_message.format(skipped=len(skipped)))
     # Written only after the last example, so a report exists exactly when the cache is complete.
     Path(report_path).parent.mkdir(parents=True, exist_ok=True)
     with open(report_path, "w") as f:
@@ -228,8 +230,8 @@ def build_dataset(
 
     ``records`` are the raw per-image inputs, ``make_example(record)`` returns one schema row or raises
     :class:`BadInputError`. ``key`` is the fingerprint. The number of skipped records is logged, stored in
-    ``dataset.info.description`` and in ``dataset.info.skipped`` terms of a sidecar report, so it is known on a
-    cached call too.
+    ``dataset.info.description`` (read it with :func:`skipped_count`); a small sidecar report in the cache keeps it
+    known on a cached call, which decodes nothing.
     """
     import datasets
 
@@ -243,10 +245,11 @@ def build_dataset(
             features=make_features(class_names),
             cache_dir=cache_dir,
             gen_kwargs={
-                "records": records,
+                "records": tuple(records),  # a tuple: datasets would shard a list, one generator call per item
                 "make_example": make_example,
                 "report_path": report_path,
                 "skip_bad_images": skip_bad_images,
+                "empty_message": f"Split {split!r} is empty after skipping {{skipped}} bad file(s): {description}",
             },
             fingerprint=key,
             # datasets reserves "all" and wants \w+ names; the DatasetDict key stays the user's name.
@@ -264,8 +267,6 @@ def build_dataset(
             report = json.load(f)
     if report["skipped"]:
         logger.warning("Split %r: skipped %d bad file(s) of %d.", split, report["skipped"], len(records))
-    if len(dataset) == 0:
-        raise BadInputError(f"Split {split!r} is empty after skipping {report['skipped']} bad file(s): {description}")
     dataset.info.description = f"{description} | skipped bad files: {report['skipped']}"
     return dataset
 
