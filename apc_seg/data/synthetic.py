@@ -14,8 +14,9 @@ Design (why it is built this way: a ViT trained from scratch on image labels lea
   (empty included) are equally frequent, i.e. each class is present with probability 1/2 independently of the
   others: "neither A nor B, so C" is never a valid inference. Objects of one or several classes overlap (later ones
   on top) and vary in size, but every object stays at least 40% visible, so every labelled class has real evidence.
-- Half of the images carry 1-2 tiny distractor patches with a class texture that are not labelled and are
-  background in the mask (they are far smaller than any object), so "any trace of the texture" is not the label.
+- Half of the images get 1-2 tiny distractor patches (where they fit on the background) with a class texture; they
+  are not labelled and are background in the mask (they are far smaller than any object), so "any trace of the
+  texture" is not the label.
 - Deterministic: image ``i`` of a split depends only on ``(seed, split, i)``; the same seed gives identical bytes.
 """
 
@@ -133,8 +134,11 @@ def _background(yy, xx, rng, size: int, scale: float) -> np.ndarray:
     return colour + rng.uniform(8.0, 20.0) * marble[..., None]
 
 
-def render(rng: np.random.Generator, image_size: int, object_classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """One image (H x W x 3 uint8) and mask (H x W uint8) with objects of ``object_classes`` painted in order."""
+def render(
+    rng: np.random.Generator, image_size: int, object_classes: list[int], distractor_probability: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image (H x W x 3 uint8) and mask (H x W uint8) with objects of ``object_classes`` painted in order,
+    and with probability ``distractor_probability`` 1-2 unlabelled distractor patches."""
     size, scale = image_size, image_size / 96.0
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     image = _background(yy, xx, rng, size, scale)
@@ -163,8 +167,10 @@ def render(rng: np.random.Generator, image_size: int, object_classes: list[int])
         box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))  # texture only the bounding box
         image[box][region[box]] = _textured(cls, yy[box], xx[box], rng, scale)[region[box]]
 
+    grain = rng.normal(0.0, 3.0, size=image.shape)  # drawn before the distractors, so they change nothing else
+
     # Distractors: tiny unlabelled texture fragments on the background (the mask stays 0 there).
-    if rng.random() < 0.5:
+    if rng.random() < distractor_probability:
         for _ in range(rng.integers(1, 3)):
             side = max(3, int(round(rng.uniform(0.05, 0.08) * size)))
             y0, x0 = rng.integers(0, size - side, size=2)
@@ -179,7 +185,7 @@ def render(rng: np.random.Generator, image_size: int, object_classes: list[int])
                 patch = np.where(keep, patch, image[window])
             image[window] = patch
 
-    image = image + rng.normal(0.0, 3.0, size=image.shape)  # sensor-like grain everywhere
+    image = image + grain  # sensor-like grain everywhere
     return np.clip(np.round(image), 0, 255).astype(np.uint8), mask
 
 
