@@ -152,7 +152,7 @@ class TrainTransform:
             if do_flip:
                 labels = labels[:, ::-1]
             pixel_labels = torch.full((crop, crop), self.ignore_index, dtype=torch.long)
-            pixel_labels[rows[1], cols[1]] = torch.from_numpy(np.ascontiguousarray(labels[rows[0], cols[0]])).long()
+            pixel_labels[rows[1], cols[1]] = torch.from_numpy(labels[rows[0], cols[0]].astype(np.int64))
         return {"pixel_values": pixel_values, "pixel_labels": pixel_labels}
 
     @staticmethod
@@ -228,8 +228,12 @@ def collate_fn(examples: list[dict], num_labels: int, ignore_index: int = IGNORE
     """
     height = max(ex["pixel_values"].shape[-2] for ex in examples)
     width = max(ex["pixel_values"].shape[-1] for ex in examples)
-    label_h = max((ex["pixel_labels"].shape[0] for ex in examples if ex.get("pixel_labels") is not None), default=height)
-    label_w = max((ex["pixel_labels"].shape[1] for ex in examples if ex.get("pixel_labels") is not None), default=width)
+    # Labels may have their own (original) resolution; an example without a mask counts with its image size.
+    label_sizes = [
+        tuple(ex["pixel_values"].shape[-2:]) if ex.get("pixel_labels") is None else tuple(ex["pixel_labels"].shape)
+        for ex in examples
+    ]
+    label_h, label_w = max(h for h, _ in label_sizes), max(w for _, w in label_sizes)
     pixel_values = torch.zeros(len(examples), 3, height, width)
     pixel_labels = torch.full((len(examples), label_h, label_w), ignore_index, dtype=torch.long)
     for i, ex in enumerate(examples):
