@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from ..labels import IGNORE_INDEX
 
@@ -47,12 +47,12 @@ def sample_rng(seed: int, epoch: int, key: int | str) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), int(key)])
 
 
-def _normalise(array: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """H x W x 3 uint8/float in 0..255 -> 3 x H x W float32, (x / 255 - mean) / std."""
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1) / 255.0
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - mean_t) / std_t
+def _normalise(image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """H x W x 3 uint8 image (PIL or array) -> 3 x H x W float32, (x / 255 - mean) / std, in one pass after the cast."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
+    offset = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+    return x.mul_(scale).sub_(offset)
 
 
 def _as_rgb(image) -> Image.Image:
@@ -137,32 +137,36 @@ class TrainTransform:
         cols = _crop_axis(width, self.crop_size, rng)
         factors = [rng.uniform(1 - s, 1 + s) for s in self.color_jitter]
 
-        pixels = np.asarray(image.resize((width, height), Image.BILINEAR))
+        # PIL (C code, uint8) does the heavy lifting, and resamples only the source box that lands in the crop:
+        # the same pixels as rescaling the whole image and cropping, without the work outside the crop.
         if do_flip:
-            pixels = pixels[:, ::-1]
-        region = pixels[rows[0], cols[0]].astype(np.float32)
-        region = self._jitter(region, *factors)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        sx, sy = width / image.width, height / image.height
+        box = (cols[0].start / sx, rows[0].start / sy, cols[0].stop / sx, rows[0].stop / sy)
+        out_size = (cols[0].stop - cols[0].start, rows[0].stop - rows[0].start)
+        region = self._jitter(image.resize(out_size, Image.BILINEAR, box=box), *factors)
 
         crop = self.crop_size
         pixel_values = torch.zeros(3, crop, crop)  # zero after normalisation = the mean colour
         pixel_values[:, rows[1], cols[1]] = _normalise(region, self.mean, self.std)
         pixel_labels = None
         if mask is not None:
-            labels = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+            labels = Image.fromarray(mask)
             if do_flip:
-                labels = labels[:, ::-1]
+                labels = labels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            labels = labels.resize(out_size, Image.NEAREST, box=box)
             pixel_labels = torch.full((crop, crop), self.ignore_index, dtype=torch.long)
-            pixel_labels[rows[1], cols[1]] = torch.from_numpy(labels[rows[0], cols[0]].astype(np.int64))
+            pixel_labels[rows[1], cols[1]] = torch.from_numpy(np.array(labels, dtype=np.int64))
         return {"pixel_values": pixel_values, "pixel_labels": pixel_labels}
 
     @staticmethod
-    def _jitter(region: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
-        region = region * brightness
-        gray_mean = (region @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).mean()
-        region = (region - gray_mean) * contrast + gray_mean
-        gray = (region @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
-        region = (region - gray) * saturation + gray
-        return np.clip(region, 0.0, 255.0)
+    def _jitter(region: Image.Image, brightness: float, contrast: float, saturation: float) -> Image.Image:
+        # ImageEnhance blends with black (brightness), the mean gray (contrast) and the grayscale image (saturation).
+        for enhancer, factor in ((ImageEnhance.Brightness, brightness), (ImageEnhance.Contrast, contrast),
+                                 (ImageEnhance.Color, saturation)):
+            if factor != 1.0:
+                region = enhancer(region).enhance(factor)
+        return region
 
     def __call__(self, batch: dict) -> dict:
         """Batched form for ``Dataset.with_transform`` / ``set_transform`` (a dict of lists in and out)."""
@@ -199,7 +203,7 @@ class EvalTransform:
             image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
         mask = _as_mask(mask)
         return {
-            "pixel_values": _normalise(np.asarray(image), self.mean, self.std),
+            "pixel_values": _normalise(image, self.mean, self.std),
             "pixel_labels": torch.from_numpy(mask.copy()).long() if mask is not None else None,
         }
 
