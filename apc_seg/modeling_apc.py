@@ -231,12 +231,18 @@ class APCForSemanticSegmentation(APCPreTrainedModel):
 
     @classmethod
     def from_pretrained_backbone(
-        cls, pretrained_model_name_or_path: str, config: APCConfig | None = None, **kwargs
+        cls,
+        pretrained_model_name_or_path: str,
+        config: APCConfig | None = None,
+        image_size: int | None = None,
+        **kwargs,
     ) -> "APCForSemanticSegmentation":
         """A new APC model whose backbone is loaded from a `ViTModel` checkpoint (a local folder or a Hub id).
 
         The checkpoint's ViT config replaces `config.backbone_config`; every other module is newly initialised and
-        listed in the log. `kwargs` go to `ViTModel.from_pretrained` (e.g. `attn_implementation`, `revision`).
+        listed in the log. With `image_size` (e.g. the 448 training crop of a 224 checkpoint) the position
+        embeddings are resized once here instead of being interpolated in every forward pass. `kwargs` go to
+        `ViTModel.from_pretrained` (e.g. `attn_implementation`, `revision`).
         """
         config = APCConfig() if config is None else config
         backbone = ViTModel.from_pretrained(pretrained_model_name_or_path, add_pooling_layer=False, **kwargs)
@@ -254,7 +260,27 @@ class APCForSemanticSegmentation(APCPreTrainedModel):
         logger.info("Loaded the backbone from %s; newly initialised modules: %s", pretrained_model_name_or_path, new)
         model.backbone_loading_info = {"missing_keys": result.missing_keys, "unexpected_keys": result.unexpected_keys,
                                        "new_modules": new}
+        if image_size is not None:
+            model.resize_position_embeddings(image_size)
         return model
+
+    @torch.no_grad()
+    def resize_position_embeddings(self, image_size: int) -> None:
+        """Resample the backbone's position embeddings (bicubic, as ViT's own interpolation) to `image_size`.
+
+        Inputs of other sizes still work; they are interpolated on the fly, which costs a few ms per step for ViT-B.
+        """
+        embeddings = self.vit.embeddings
+        patch = self.config.patch_size
+        if image_size % patch:
+            raise ValueError(f"image_size={image_size} is not a multiple of the patch size {patch}.")
+        num_patches = (image_size // patch) ** 2
+        dummy = embeddings.position_embeddings.new_empty(1, num_patches + 1, self.config.hidden_size)
+        resized = embeddings.interpolate_pos_encoding(dummy, image_size, image_size)
+        embeddings.position_embeddings = nn.Parameter(resized.contiguous())
+        embeddings.patch_embeddings.image_size = (image_size, image_size)
+        embeddings.patch_embeddings.num_patches = num_patches
+        self.config.backbone_config.image_size = image_size
 
     def _backbone_grid(self, pixel_values: torch.Tensor, output_hidden_states: bool | None):
         height, width = pixel_values.shape[-2:]

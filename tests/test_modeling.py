@@ -146,3 +146,18 @@ def test_processor_and_inference_on_real_voc_photos(config):
         out = model(**processor(images=images, return_tensors="pt"))
     masks = processor.post_process_semantic_segmentation(out, target_sizes=[im.size[::-1] for im in images])
     assert [tuple(m.shape) for m in masks] == [im.size[::-1] for im in images]
+
+
+def test_position_embeddings_resized_once_give_the_same_outputs(tmp_path):
+    vit = ViTModel(ViTConfig(**TINY_BACKBONE), add_pooling_layer=False)  # image_size 32
+    vit.save_pretrained(tmp_path)
+    on_the_fly = APCForSemanticSegmentation.from_pretrained_backbone(str(tmp_path), config=tiny_config()).eval()
+    resized = APCForSemanticSegmentation.from_pretrained_backbone(str(tmp_path), config=tiny_config(),
+                                                                  image_size=64).eval()
+    assert resized.vit.embeddings.position_embeddings.shape == (1, 1 + 64, 32)
+    assert resized.config.backbone_config.image_size == 64
+    resized.load_state_dict({k: v for k, v in on_the_fly.state_dict().items() if "position_embeddings" not in k},
+                            strict=False)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(resized(x).logits, on_the_fly(x).logits, atol=1e-5, rtol=1e-4)
+    assert resized(torch.randn(1, 3, 32, 48)).logits.shape == (1, 3, 4, 6)  # other sizes still interpolate

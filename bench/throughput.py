@@ -1,0 +1,175 @@
+"""Training-step throughput of APC against a reference step, measured in the same run.
+
+Fast path: bf16 autocast, SDPA attention, fused AdamW, AKP pooling (optionally torch.compile).
+Reference: the same ViT backbone in fp32 with eager attention, max pooling, unfused (for-loop) AdamW.
+Both run the full training step: forward with all three losses (PCL, pseudo-labels with PAR, decoder CE),
+backward, optimiser step. Inputs are random tensors already on the device, so the data pipeline is not measured
+here (see bench/data_throughput.py).
+
+    python bench/throughput.py --device cuda                    # ViT-B/16, 448 crops, batch 8, 21 labels (VOC)
+    python bench/throughput.py --device cpu --small             # a tiny config, for a smoke run on a laptop
+
+MFU = (FLOPs of one step counted by torch.utils.flop_counter) / step time / peak FLOP/s of the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from apc_seg import APCConfig, APCForSemanticSegmentation  # noqa: E402
+from apc_seg.labels import VOC_CLASSES  # noqa: E402
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
+PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
+VOC_STEPS, VOC_BATCH, COCO_STEPS = 20_000, 8, 80_000
+
+
+def default_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def build(small: bool, fast: bool, crop_size: int):
+    backbone = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                     patch_size=16) if small else dict())  # ViT-B/16
+    # Position embeddings at the crop size, as apc-train's from_pretrained_backbone(image_size=crop) makes them.
+    backbone["image_size"] = crop_size
+    config = APCConfig(backbone_config=backbone, id2label=dict(enumerate(VOC_CLASSES)),
+                       pooling="adaptive_k" if fast else "max")
+    config._attn_implementation = "sdpa" if fast else "eager"
+    return APCForSemanticSegmentation(config)
+
+
+def measure(args, fast: bool, compile_model: bool = False) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build(args.small, fast, args.crop_size).to(device).train()
+    fused = fast and device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None,
+                                  foreach=None if fused else False)
+    step_model = torch.compile(model) if compile_model else model
+    batch, size = args.batch_size, args.crop_size
+    pixel_values = torch.randn(batch, 3, size, size, device=device)
+    class_labels = (torch.rand(batch, model.config.num_labels, device=device) < 0.15).float()
+    class_labels[:, 0] = 1
+    use_bf16 = fast and (device.type != "cpu" or args.cpu_bf16)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = step_model(pixel_values=pixel_values, class_labels=class_labels, use_seg_loss=True)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # counts matmuls, convs and attention; LSTMs are not counted
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(pixel_values=pixel_values, class_labels=class_labels, use_seg_loss=True)
+        out.loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        out = step()
+    sync()
+    step_time = (time.perf_counter() - start) / args.steps
+    loss = out.loss.item()
+    if args.profile and fast and not compile_model:
+        profile_steps(step, device)
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else default_peak(device)
+    return {
+        "name": ("fast" + (" + compile" if compile_model else "")) if fast else "reference",
+        "images_per_s": batch / step_time,
+        "step_ms": 1000 * step_time,
+        "peak_mem_gib": peak_mem,
+        "tflop_per_step": flops / 1e12,
+        "mfu": flops / step_time / peak if peak else float("nan"),
+        "loss": loss,
+    }
+
+
+def profile_steps(step, device: torch.device, steps: int = 3, rows: int = 30) -> None:
+    """Print where the fast step's time goes (the top operators by device time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="A tiny ViT instead of ViT-B/16 (CPU smoke runs).")
+    parser.add_argument("--batch_size", type=int, default=None, help="Default 8 (VOC recipe); 2 with --small.")
+    parser.add_argument("--crop_size", type=int, default=None, help="Default 448; 96 with --small.")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="Also measure the fast path under torch.compile.")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="Device peak (dense bf16) TFLOP/s for MFU; default from the device name "
+                             "(H100/H200 989, A100 312).")
+    parser.add_argument("--cpu_bf16", action="store_true", help="Use bf16 autocast on the CPU fast path too.")
+    parser.add_argument("--profile", action="store_true", help="Print a profile of the fast step.")
+    parser.add_argument("--json", help="Also write the rows to this file.")
+    args = parser.parse_args(argv)
+    args.batch_size = args.batch_size or (2 if args.small else VOC_BATCH)
+    args.crop_size = args.crop_size or (96 if args.small else 448)
+
+    device = torch.device(args.device)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
+    print(f"# {hardware}, torch {torch.__version__}, batch {args.batch_size}, crop {args.crop_size}, "
+          f"{'tiny ViT' if args.small else 'ViT-B/16'}, {args.steps} timed steps after {args.warmup} warm-up")
+    rows = [measure(args, fast=False), measure(args, fast=True)]
+    if args.compile:
+        rows.append(measure(args, fast=True, compile_model=True))
+    reference = rows[0]["images_per_s"]
+    print(f"| step | images/s | step ms | peak GiB | TFLOP/step | MFU | x reference | loss |")
+    print(f"|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | {r['peak_mem_gib']:.2f} | "
+              f"{r['tflop_per_step']:.3f} | {100 * r['mfu']:.1f}% | {r['images_per_s'] / reference:.2f} | "
+              f"{r['loss']:.4f} |")
+    best = max(rows[1:], key=lambda r: r["images_per_s"])
+    voc_minutes = VOC_STEPS * VOC_BATCH / best["images_per_s"] / 60
+    coco_minutes = COCO_STEPS * VOC_BATCH / best["images_per_s"] / 60
+    print(f"Projected training time at {best['name']} speed: VOC recipe ({VOC_STEPS} steps x {VOC_BATCH}) "
+          f"{voc_minutes:.1f} min; COCO recipe ({COCO_STEPS} steps x {VOC_BATCH}) {coco_minutes:.1f} min "
+          "(steps only; validation and data loading not included).")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hardware": hardware, "torch": torch.__version__, "rows": rows,
+                                               "voc_minutes": voc_minutes, "coco_minutes": coco_minutes}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
