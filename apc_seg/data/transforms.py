@@ -66,7 +66,7 @@ def _as_mask(mask) -> np.ndarray | None:
     if mask is None:
         return None
     # np.array of a palette image gives the indices, which is what we want (never the colours).
-    return np.asarray(mask, dtype=np.uint8) if isinstance(mask, np.ndarray) else np.array(mask, dtype=np.uint8)
+    return np.asarray(mask, dtype=np.uint8)
 
 
 def _crop_axis(size: int, crop: int, rng: np.random.Generator) -> tuple[slice, slice]:
