@@ -74,6 +74,15 @@ def predict_pseudo_labels(model, pixel_values: torch.Tensor, class_labels: torch
     return labels
 
 
+def refine_with_crf(images, probs: torch.Tensor) -> torch.Tensor:
+    """Dense-CRF refinement of `(B, C, H, W)` probabilities, each with its RGB image (PIL or H x W x 3 uint8)."""
+    from .crf import dense_crf
+
+    refined = [dense_crf(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image), p.cpu().numpy())
+               for image, p in zip(images, probs)]
+    return torch.as_tensor(np.stack(refined)).to(probs.device)
+
+
 def _same_size_batches(dataset, indices: list[int], batch_size: int):
     """Consecutive examples of equal image size, at most `batch_size` each: batching never pads an image."""
     batch, size = [], None
@@ -139,12 +148,7 @@ def evaluate(
         else:
             probs = predict_probabilities(model, pixel_values, scales, flip)
             if crf:
-                from .crf import dense_crf
-
-                probs = torch.stack([
-                    torch.as_tensor(dense_crf(np.asarray(ex["image"].convert("RGB")), p.cpu().numpy()))
-                    for ex, p in zip(examples, probs)
-                ]).to(device)
+                probs = refine_with_crf([ex["image"] for ex in examples], probs)
             pred = probs.argmax(1)
         metric.update(pred, targets)
     if was_training:
@@ -153,14 +157,24 @@ def evaluate(
     return metric.compute(accelerator, class_names=class_names)
 
 
-def load_split(dataset: str, data_dir: str | None, split: str, skip_bad_images: bool = False, seed: int = 0):
-    """One split of `voc`, `coco` or `synthetic` (the synthetic data is generated; `data_dir` then unused)."""
+def load_split(dataset: str, data_dir: str | None, split: str, skip_bad_images: bool = False, seed: int = 0,
+               num_images: int | None = None, image_size: int = 96):
+    """One split of `voc`, `coco` or `synthetic`.
+
+    The synthetic split is generated (`data_dir` unused) with `num_images` images of `image_size` pixels; defaults
+    are the synthetic recipe's (1024 train, 256 val or test, 96 px). Pass what training used to score the same data.
+    """
     from . import data
 
     if dataset == "synthetic":
         from .data.synthetic import make_synthetic
 
-        return make_synthetic(seed=seed)[split]
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"--split {split!r} is invalid for --dataset synthetic: expected train, val or test")
+        counts = {"train": 0, "val": 0, "test": 0}
+        counts[split] = num_images or (1024 if split == "train" else 256)
+        return make_synthetic(num_train=counts["train"], num_val=counts["val"], num_test=counts["test"],
+                              image_size=image_size, seed=seed)[split]
     if data_dir is None:
         raise ValueError(f"--data_dir is required for --dataset {dataset}")
     if dataset == "voc":
@@ -188,36 +202,56 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decoder: the segmenter; pseudo: the pseudo-labels (use a train split).")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_images", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic dataset.")
+    parser.add_argument("--seed", type=int, default=0, help="Synthetic only: the dataset's seed.")
+    parser.add_argument("--num_images", type=int, default=None,
+                        help="Synthetic only: images generated for the split (as apc-train's --num_val_images).")
+    parser.add_argument("--image_size", type=int, default=96,
+                        help="Synthetic only: image side (as apc-train's --crop_size).")
     parser.add_argument("--skip_bad_images", action="store_true")
     parser.add_argument("--output_json", help="Write miou, per_class_iou, pixel_accuracy here.")
     return parser
 
 
+def launched_without_gpus() -> bool:
+    """True for several processes (torchrun / `accelerate launch --multi_gpu` set WORLD_SIZE) on a machine without
+    CUDA GPUs. accelerate only connects CPU processes (gloo) when told it runs on CPUs; otherwise each process would
+    run alone, and every process would score the whole split and write the same files."""
+    import os
+
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         scales = parse_scales(args.scales)
     except ValueError as error:
-        build_parser().error(str(error))
+        parser.error(str(error))
     if args.crf:
         from .crf import _import_densecrf
 
         try:
             _import_densecrf()
         except ImportError as error:
-            build_parser().error(f"--crf: {error}")
+            parser.error(f"--crf: {error}")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        parser.error(f"--data_dir {args.data_dir} does not exist")
     from accelerate import Accelerator
 
     from .modeling_apc import APCForSemanticSegmentation
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=launched_without_gpus())
     try:
-        dataset = load_split(args.dataset, args.data_dir, args.split, args.skip_bad_images, args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"apc-eval: error: {error}", file=sys.stderr)
-        return 2
-    model = APCForSemanticSegmentation.from_pretrained(args.model).to(accelerator.device)
+        model = APCForSemanticSegmentation.from_pretrained(args.model).to(accelerator.device)
+    except (OSError, ValueError) as error:
+        parser.error(f"--model {args.model}: {str(error).splitlines()[0]}")
+    try:
+        with accelerator.main_process_first():  # the first process builds the datasets cache, the others reuse it
+            dataset = load_split(args.dataset, args.data_dir, args.split, args.skip_bad_images, args.seed,
+                                 args.num_images, args.image_size)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        parser.error(str(error).strip("'\""))
     result = evaluate(model, dataset, mode=args.mode, scales=scales, flip=args.flip, crf=args.crf,
                       batch_size=args.batch_size, accelerator=accelerator, max_images=args.max_images)
     if accelerator.is_main_process:
@@ -225,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output_json:
             Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output_json).write_text(json.dumps(result, indent=2))
+    accelerator.wait_for_everyone()  # leave together: tearing down gloo while a peer still writes can hang
+    accelerator.end_training()
     return 0
 
 

@@ -92,8 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_name_or_path",
                    help="A ViT checkpoint (new APC model on it) or an APC checkpoint (continue); 'none' = scratch.")
     g.add_argument("--config_overrides", help='APCConfig fields, e.g. "akp_ratio=0.6,pooling=max" (lists: 1;2;4).')
+    g.add_argument("--backbone_overrides",
+                   help='Advanced: ViTConfig fields of a backbone trained from scratch (synthetic recipe), e.g. '
+                        '"hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64" for '
+                        'tests and smoke runs.')
+    g.add_argument("--mae_pretrain_steps", type=int,
+                   help="With no --model_name_or_path: first pretrain the from-scratch ViT as a masked autoencoder "
+                        "(apc-pretrain) for this many steps on the training images, unlabeled, into "
+                        "OUTPUT/mae_backbone, then train APC on it. 0 disables. Recipe default.")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max_train_steps", type=_positive_int)
+    g.add_argument("--max_train_steps", type=_positive_int,
+                   help="Optimizer updates in all. May be raised when resuming, to extend a run (see "
+                        "--resume_from_checkpoint).")
     g.add_argument("--per_device_train_batch_size", type=_positive_int)
     g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
     g.add_argument("--learning_rate", type=float, help="Learning rate of the new layers.")
@@ -110,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir")
     g.add_argument("--checkpointing_steps", type=_positive_int)
     g.add_argument("--checkpoints_total_limit", type=_positive_int, default=2)
-    g.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
+    g.add_argument("--resume_from_checkpoint",
+                   help="'latest' or a checkpoint folder. Restores model, optimiser, schedule, RNGs and data position, "
+                        "so the result is bit-identical to an uninterrupted run. The other flags must match the "
+                        "checkpoint's, except --max_train_steps: raising it extends the run (the poly decay then "
+                        "stretches to the new end, so it is no longer identical to a straight run of either length).")
     g.add_argument("--eval_steps", type=_positive_int, help="Validate every N steps (and at the end).")
     g.add_argument("--eval_max_images", type=_positive_int, help="Validate on the first N images only.")
     g.add_argument("--pseudo_eval_max_images", type=_positive_int,
@@ -123,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags -> namespace with the recipe's defaults filled in; bad input exits with one line naming the flag."""
     parser = build_parser()
     args = parser.parse_args(argv)
     recipe = RECIPES[args.recipe]
     for key in _RECIPE_KEYS:
         if getattr(args, key, None) is None:
             setattr(args, key, recipe.get(key))
-    args.backbone = recipe.get("backbone")
     if args.model_name_or_path in ("none", ""):
         args.model_name_or_path = None
     if args.dataset != "synthetic" and not args.data_dir:
@@ -140,36 +154,84 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.config_overrides = parse_config_overrides(args.config_overrides)
     except ValueError as error:
         parser.error(f"--config_overrides: {error}")
-    out = Path(args.output_dir)
-    probe = out if out.exists() else next((q for q in out.resolve().parents if q.exists()), Path("/"))
-    if not os.access(probe, os.W_OK):
-        parser.error(f"--output_dir {args.output_dir} is not writable")
-    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
-        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint folder")
+    if args.backbone_overrides and args.model_name_or_path:
+        parser.error("--backbone_overrides applies to a backbone trained from scratch, not to "
+                     f"--model_name_or_path {args.model_name_or_path}")
+    try:
+        args.backbone = parse_backbone_overrides(recipe.get("backbone"), args.backbone_overrides)
+    except ValueError as error:
+        parser.error(f"--backbone_overrides: {error}")
+    try:
+        check_writable(Path(args.output_dir))
+    except OSError as error:
+        parser.error(f"--output_dir {args.output_dir} is not writable ({error.strerror or error})")
+    resume = args.resume_from_checkpoint
+    if resume not in (None, "latest") and not (Path(resume) / "apc_run.json").is_file():
+        parser.error(f"--resume_from_checkpoint {resume} is not a complete apc-train checkpoint "
+                     "(a checkpoints/step_N folder with apc_run.json)")
     return args
 
 
-def parse_config_overrides(text: str | None) -> dict[str, Any]:
-    """`"akp_ratio=0.6,pooling=max,par_dilations=1;2;4"` -> typed values checked against `APCConfig`."""
-    from .configuration_apc import APCConfig
+def check_writable(folder: Path) -> None:
+    """Creates `folder` and a scratch file in it. `os.access` says yes to root even where writing fails, and a path
+    below a regular file only fails at `mkdir`, so trying is the one reliable test, and it fails before training."""
+    import tempfile
 
-    defaults = APCConfig(backbone_config={"hidden_size": 8, "num_attention_heads": 1}).to_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def _parse_fields(text: str | None, defaults: dict[str, Any], example: str) -> dict[str, Any]:
+    """`"a=1,b=x,c=1;2"` -> values typed like `defaults[key]`; unknown keys and bad values raise `ValueError`."""
     overrides = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in defaults or key in ("backbone_config", "id2label", "label2id"):
-            raise ValueError(f"{item!r} is not FIELD=VALUE with an APCConfig field (e.g. akp_ratio=0.6)")
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in defaults:
+            raise ValueError(f"{item!r} is not FIELD=VALUE with a known field (e.g. {example})")
         default = defaults[key]
-        if isinstance(default, bool):
-            overrides[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, (list, tuple)):
-            overrides[key] = [type(default[0])(v) for v in value.split(";")]
-        elif isinstance(default, (int, float)):
-            overrides[key] = type(default)(value)
-        else:
-            overrides[key] = value
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                    raise ValueError(f"expected true or false, got {value!r}")
+                overrides[key] = value.lower() in ("1", "true", "yes")
+            elif isinstance(default, (list, tuple)):
+                overrides[key] = [type(default[0])(v) for v in value.split(";")]
+            elif isinstance(default, (int, float)):
+                overrides[key] = type(default)(value)
+            else:
+                overrides[key] = value
+        except ValueError as error:
+            raise ValueError(f"{item!r}: {error}") from None
     return overrides
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """`"akp_ratio=0.6,pooling=max,par_dilations=1;2;4"` -> typed values, checked by `APCConfig.validate`."""
+    from .configuration_apc import APCConfig
+
+    tiny_backbone = {"hidden_size": 8, "num_attention_heads": 1}
+    defaults = APCConfig(backbone_config=tiny_backbone).to_dict()
+    for reserved in ("backbone_config", "id2label", "label2id"):
+        defaults.pop(reserved)
+    overrides = _parse_fields(text, defaults, "akp_ratio=0.6")
+    APCConfig(backbone_config=tiny_backbone, **overrides)  # a bad value (akp_ratio=2) fails here, before any work
+    return overrides
+
+
+def parse_backbone_overrides(backbone: dict | None, text: str | None) -> dict | None:
+    """The recipe's from-scratch ViT settings updated with `--backbone_overrides`."""
+    if not text:
+        return backbone
+    from transformers import ViTConfig
+
+    defaults = ViTConfig().to_dict()
+    merged = {**(backbone or {}), **_parse_fields(text, defaults, "hidden_size=32")}
+    config = ViTConfig(**merged)
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                         f"{config.num_attention_heads}")
+    return merged
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -222,9 +284,37 @@ def build_model(args, class_names):
                                  f"{args.dataset} dataset has {len(class_names)}")
             return model
         config = APCConfig(id2label=id2label, **args.config_overrides)
-        return APCForSemanticSegmentation.from_pretrained_backbone(path, config=config)
+        return APCForSemanticSegmentation.from_pretrained_backbone(path, config=config, image_size=args.crop_size)
     config = APCConfig(backbone_config=args.backbone, id2label=id2label, **args.config_overrides)
     return APCForSemanticSegmentation(config)
+
+
+def pretrain_backbone(args) -> str:
+    """Runs `apc-pretrain` on this run's training images (labels unused) and returns the ViT folder it writes.
+
+    A ViT from scratch trained on image labels alone learns whatever global cue separates the labels; a masked
+    autoencoder first makes its patch tokens describe their neighbourhood, which APC's patch classifier needs.
+    Deterministic by seed, and reused when a resumed run finds it complete."""
+    from .pretrain import main as pretrain_main
+
+    folder = Path(args.output_dir) / "mae_backbone"
+    done = folder / "pretrain_metrics.json"
+    if done.is_file() and json.loads(done.read_text()).get("train_steps") == args.mae_pretrain_steps:
+        return str(folder)
+    argv = ["--dataset", args.dataset, "--output_dir", str(folder), "--max_train_steps", str(args.mae_pretrain_steps),
+            "--image_size", str(args.crop_size), "--seed", str(args.seed), "--mixed_precision", args.mixed_precision,
+            "--num_workers", str(args.num_workers), "--report_to", args.report_to,
+            "--checkpointing_steps", str(10 ** 9)]
+    if args.dataset == "synthetic":
+        argv += ["--num_train_images", str(args.num_train_images)]
+    else:
+        argv += ["--data_dir", args.data_dir] + (["--train_split", args.train_split] if args.train_split else [])
+    if args.backbone:
+        argv += ["--backbone_overrides", ",".join(f"{k}={v}" for k, v in args.backbone.items())]
+    if args.skip_bad_images:
+        argv.append("--skip_bad_images")
+    pretrain_main(argv)
+    return str(folder)
 
 
 def build_optimizer(model, args, fused: bool):
@@ -267,28 +357,55 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=_checkpoint_step)
 
 
-def run_fingerprint(model, args) -> dict[str, Any]:
-    """What must match for a resume to be exact: the model config and the data/optimisation settings."""
-    keys = ("dataset", "train_split", "crop_size", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "seed", "num_train_images", "max_train_steps", "warmup_steps")
+# Settings that change what an optimiser step computes; a resume must use the checkpoint's values to be exact.
+_RESUME_KEYS = ("dataset", "train_split", "crop_size", "num_train_images", "seed", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "learning_rate", "backbone_lr_ratio", "weight_decay", "warmup_steps",
+                "seg_warmup_steps", "max_grad_norm", "mixed_precision")
+# Settings a resume may change, with a warning that the run is no longer identical to an uninterrupted one:
+# raising max_train_steps extends a run (the poly decay stretches to the new end), and another number of processes
+# lets a run move to other hardware (each process then sees other samples).
+_RESUME_MAY_CHANGE = ("max_train_steps", "num_processes")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_fingerprint(model, args, num_processes: int) -> dict[str, Any]:
+    """What a resume must match: the model config and the settings above, as JSON would store them."""
     config = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation"):
         config.pop(volatile, None)
         config.get("backbone_config", {}).pop(volatile, None)
-    return {"config": config, "args": {k: getattr(args, k) for k in keys}}
+    settings = {k: getattr(args, k) for k in _RESUME_KEYS + _RESUME_MAY_CHANGE if k != "num_processes"}
+    settings["num_processes"] = num_processes
+    # The JSON round trip makes it comparable with the saved copy (int dict keys such as id2label's become str).
+    return json.loads(json.dumps({"config": _flatten(config), "args": settings}))
 
 
-def check_resumable(checkpoint: Path, fingerprint: dict) -> None:
+def check_resumable(checkpoint: Path, fingerprint: dict) -> list[str]:
+    """Exits with one line naming what differs from the checkpoint's run; returns warnings for allowed changes."""
     saved = json.loads((checkpoint / "apc_run.json").read_text())["fingerprint"]
-    for part in ("config", "args"):
-        diff = sorted(k for k in set(saved[part]) | set(fingerprint[part])
-                      if saved[part].get(k) != fingerprint[part].get(k))
-        if diff:
-            details = ", ".join(f"{k}: checkpoint {saved[part].get(k)!r} vs now {fingerprint[part].get(k)!r}"
-                                for k in diff[:5])
+    warnings = []
+    for part, what in (("config", "model config"), ("args", "run")):
+        then, now = saved[part], fingerprint[part]
+        for key in sorted(set(then) | set(now)):
+            if then.get(key) == now.get(key):
+                continue
+            change = f"{key}: checkpoint {then.get(key)!r}, now {now.get(key)!r}"
+            if part == "args" and key in _RESUME_MAY_CHANGE:
+                warnings.append(f"{change}; the result will differ from an uninterrupted run")
+                continue
+            flag = f"--{key}" if part == "args" else "--config_overrides/--backbone_overrides"
             raise SystemExit(f"apc-train: error: --resume_from_checkpoint {checkpoint} was made with a different "
-                             f"{'model config' if part == 'config' else 'run'} ({details}); resume with the same "
-                             "flags, or start a new --output_dir.")
+                             f"{what} ({change}); resume with the checkpoint's {flag}, or start a new --output_dir.")
+    return warnings
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -296,45 +413,52 @@ def check_resumable(checkpoint: Path, fingerprint: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.model_name_or_path is None and args.mae_pretrain_steps:
+        args.model_name_or_path = pretrain_backbone(args)
 
     import datasets
     import transformers
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration,
+                                  set_seed)
     from tqdm.auto import tqdm
 
     from .data.transforms import TrainTransform, collate_fn
-    from .evaluation import evaluate
+    from .evaluation import evaluate, launched_without_gpus
     from .image_processing_apc import APCImageProcessor
 
     output_dir = Path(args.output_dir)
-    mixed_precision = args.mixed_precision
-    if mixed_precision != "no" and not torch.cuda.is_available():
-        mixed_precision = "no"  # bf16 on a CPU is slower than fp32 for these ops; results match within tolerance
+    if args.mixed_precision != "no" and not torch.cuda.is_available():
+        args.mixed_precision = "no"  # bf16 on a CPU is slower than fp32 for these ops; results match within tolerance
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
+        cpu=launched_without_gpus(),  # several processes on a machine without GPUs: gloo on the CPUs
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=mixed_precision,
+        mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        # Sampling order = f(seed, epoch) only, so a resumed run draws the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # The decoder gets no gradient before --seg_warmup_steps; DDP must not wait for it.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     if not accelerator.is_main_process:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     # Data
     with accelerator.main_process_first():
         train_set, val_set, class_names = load_datasets(args)
     num_labels = len(class_names)
-    transform = TrainTransform(crop_size=args.crop_size, seed=args.seed)
+    transform = TrainTransform(crop_size=args.crop_size, seed=args.seed)  # per-sample RNG = f(seed, epoch, image_id)
     train_loader = torch.utils.data.DataLoader(
         train_set.with_transform(transform), batch_size=args.per_device_train_batch_size, shuffle=True,
         drop_last=True, num_workers=args.num_workers, collate_fn=partial(collate_fn, num_labels=num_labels),
         pin_memory=torch.cuda.is_available(),
+        # Its own generator: without one, every new iterator (each epoch, and the resumed one) draws the workers'
+        # base seed from the global RNG, and a mid-epoch resume would then see other dropout and PCL draws.
+        generator=torch.Generator().manual_seed(args.seed),
     )
 
     # Model, optimiser, schedule
@@ -344,42 +468,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{model.config.patch_size}")
     optimizer = build_optimizer(model, args, fused=torch.cuda.is_available())
     scheduler = warmup_poly_schedule(optimizer, args.warmup_steps, args.max_train_steps)
-    fingerprint = run_fingerprint(model, args)
+    fingerprint = run_fingerprint(model, args, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if args.torch_compile:
         model = torch.compile(model)
     unwrapped = accelerator.unwrap_model(model)
-    if report_to:
-        accelerator.init_trackers("apc", config={k: v for k, v in vars(args).items()
-                                                 if isinstance(v, (int, float, str, bool))})
-
-    # Resume
-    global_step = 0
-    if args.resume_from_checkpoint:
-        checkpoints = list_checkpoints(output_dir)
-        if args.resume_from_checkpoint == "latest":
-            checkpoint = checkpoints[-1] if checkpoints else None
-        else:
-            checkpoint = Path(args.resume_from_checkpoint)
-        if checkpoint is None:
-            accelerator.print(f"No checkpoint in {output_dir / 'checkpoints'}; starting from step 0.")
-        else:
-            check_resumable(checkpoint, fingerprint)
-            accelerator.load_state(str(checkpoint))
-            global_step = _checkpoint_step(checkpoint)
-            accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
-    updates_per_epoch = len(train_loader) // args.gradient_accumulation_steps
-    if updates_per_epoch == 0:
+    # With gradient accumulation the last update of an epoch may use fewer batches (accelerate syncs at its end).
+    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    if len(train_loader) == 0:
         raise SystemExit(f"apc-train: error: the training split has {len(train_set)} images, fewer than one "
                          f"batch of --per_device_train_batch_size {args.per_device_train_batch_size} per process")
 
+    global_step, state = resume(accelerator, args, output_dir, fingerprint)
+    if report_to:
+        accelerator.init_trackers("apc", config={k: v for k, v in vars(args).items()
+                                                 if isinstance(v, (int, float, str, bool))})
+    accelerator.print(
+        f"apc-train: {args.recipe} recipe, {len(train_set)} train / {len(val_set)} val images, "
+        f"{args.max_train_steps} steps of {args.per_device_train_batch_size} x {accelerator.num_processes} "
+        f"process(es) x {args.gradient_accumulation_steps} accumulation, {accelerator.device}, output {output_dir}"
+    )
+
     # Train
-    state = {"best_val_miou": -1.0, "best_step": None, "history": []}
-    if global_step:
-        state = json.loads((checkpoint / "apc_run.json").read_text())["state"]
     progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="apc-train")
     start_time, images_seen, window_start = time.time(), 0, time.time()
+    seconds_before = state.get("train_seconds", 0.0)  # of the runs before a resume
+    val_result = None  # of the final step, when the loop evaluated it
     model.train()
     epoch = global_step // updates_per_epoch
     while global_step < args.max_train_steps:
@@ -387,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_loader.set_epoch(epoch)
         loader = train_loader
         skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
-        if skip:
+        if skip:  # resuming mid-epoch: the sampler replays this epoch's order, minus the batches already seen
             loader = accelerator.skip_first_batches(train_loader, skip)
         for batch in loader:
             with accelerator.accumulate(model):
@@ -413,33 +528,67 @@ def main(argv: Sequence[str] | None = None) -> int:
                 accelerator.log(logs, step=global_step)
                 images_seen, window_start = 0, time.time()
             if global_step % args.eval_steps == 0 or global_step == args.max_train_steps:
-                result = evaluate(unwrapped, val_set, accelerator=accelerator, max_images=args.eval_max_images)
-                accelerator.log({"val/miou": result["miou"]}, step=global_step)
-                state["history"].append({"step": global_step, "val_miou": result["miou"]})
-                progress.write(f"step {global_step}: val mIoU {100 * result['miou']:.2f}")
-                if result["miou"] > state["best_val_miou"]:
-                    state.update(best_val_miou=result["miou"], best_step=global_step)
-                    if accelerator.is_main_process:
-                        unwrapped.save_pretrained(output_dir / "best")
+                val_result = validate(accelerator, unwrapped, val_set, args, output_dir, global_step, state, progress)
                 model.train()
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+                state["train_seconds"] = seconds_before + time.time() - start_time
                 save_checkpoint(accelerator, output_dir, global_step, fingerprint, state, args.checkpoints_total_limit)
             if global_step >= args.max_train_steps:
                 break
         epoch += 1
     progress.close()
-    train_seconds = time.time() - start_time
+    train_seconds = seconds_before + time.time() - start_time
 
     # Final model, metrics and card
     accelerator.wait_for_everyone()
-    val_result = evaluate(unwrapped, val_set, accelerator=accelerator, max_images=args.eval_max_images)
+    if val_result is None:  # resumed at or past the last step
+        val_result = evaluate(unwrapped, val_set, accelerator=accelerator, max_images=args.eval_max_images)
     pseudo_result = evaluate(unwrapped, train_set, mode="pseudo", accelerator=accelerator,
                              max_images=args.pseudo_eval_max_images)
+    status = 0
     if accelerator.is_main_process:
-        finish(args, unwrapped, output_dir, class_names, val_result, pseudo_result, state, global_step,
-               train_seconds, mixed_precision, APCImageProcessor)
+        status = finish(args, unwrapped, output_dir, class_names, val_result, pseudo_result, state, global_step,
+                        train_seconds, accelerator.num_processes, APCImageProcessor)
+    # All processes leave together: a process group torn down while another process is still saving can hang gloo.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
-    return 0
+    return status
+
+
+def resume(accelerator, args, output_dir: Path, fingerprint: dict) -> tuple[int, dict]:
+    """Loads `--resume_from_checkpoint` (model, optimiser, schedule, RNGs); returns the step and the loop's state."""
+    state = {"best_val_miou": -1.0, "best_step": None, "history": []}
+    if not args.resume_from_checkpoint:
+        return 0, state
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            accelerator.print(f"No checkpoint in {output_dir / 'checkpoints'}; starting from step 0.")
+            return 0, state
+        checkpoint = checkpoints[-1]
+    else:
+        checkpoint = Path(args.resume_from_checkpoint)
+    for warning in check_resumable(checkpoint, fingerprint):
+        accelerator.print(f"apc-train: warning: resuming with {warning}")
+    accelerator.load_state(str(checkpoint))
+    saved = json.loads((checkpoint / "apc_run.json").read_text())
+    accelerator.print(f"Resumed from {checkpoint} at step {saved['step']}.")
+    return saved["step"], saved["state"]
+
+
+def validate(accelerator, model, val_set, args, output_dir: Path, step: int, state: dict, progress) -> dict:
+    """Validation mIoU, logged and tracked; the best model so far is saved to OUTPUT/best."""
+    from .evaluation import evaluate
+
+    result = evaluate(model, val_set, accelerator=accelerator, max_images=args.eval_max_images)
+    accelerator.log({"val/miou": result["miou"]}, step=step)
+    state["history"].append({"step": step, "val_miou": result["miou"]})
+    progress.write(f"step {step}: val mIoU {100 * result['miou']:.2f}")
+    if result["miou"] > state["best_val_miou"]:
+        state.update(best_val_miou=result["miou"], best_step=step)
+        if accelerator.is_main_process:
+            model.save_pretrained(output_dir / "best")
+    return result
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, fingerprint: dict, state: dict, limit: int) -> None:
@@ -459,12 +608,14 @@ def hardware_description(mixed_precision: str, num_processes: int = 1) -> str:
     if torch.cuda.is_available():
         device = f"{num_processes}x {torch.cuda.get_device_name(0)}"
     else:
-        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        cpu = platform.processor() or platform.machine()
+        device = f"{num_processes} process(es) on CPU ({cpu}, {os.cpu_count()} cores)"
     return f"{device}, mixed precision {mixed_precision}, torch {torch.__version__}"
 
 
-def finish(args, model, output_dir, class_names, val_result, pseudo_result, state, step, seconds, precision,
-           processor_class) -> None:
+def finish(args, model, output_dir, class_names, val_result, pseudo_result, state, step, seconds, num_processes,
+           processor_class) -> int:
+    """Main process: the model folder that `from_pretrained`/`pipeline` load, metrics.json, the card, the push."""
     from .model_card import make_model_card
 
     model.save_pretrained(output_dir)
@@ -479,22 +630,31 @@ def finish(args, model, output_dir, class_names, val_result, pseudo_result, stat
         "val_history": state["history"],
         "train_steps": step,
         "train_seconds": round(seconds, 1),
-        "hardware": hardware_description(precision),
+        "hardware": hardware_description(args.mixed_precision, num_processes),
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    repo_name = args.hub_model_id or output_dir.resolve().name
     recipe = {k: v for k, v in vars(args).items() if k not in ("push_to_hub", "hub_model_id", "report_to")
               and isinstance(v, (int, float, str, bool, dict)) and v not in (None, {})}
-    card = make_model_card(model_id=args.hub_model_id or output_dir.name, dataset_name=args.dataset,
-                           class_names=list(class_names), recipe=recipe, metrics=metrics,
-                           hardware=metrics["hardware"], base_model=args.model_name_or_path)
+    card = make_model_card(model_id=repo_name, dataset_name=args.dataset, class_names=list(class_names),
+                           recipe=recipe, metrics=metrics, hardware=metrics["hardware"],
+                           base_model=args.model_name_or_path)
     (output_dir / "README.md").write_text(card)
     print(f"val mIoU {100 * metrics['val_miou']:.2f}, train pseudo-label mIoU "
           f"{100 * metrics['train_pseudo_miou']:.2f}; model saved to {output_dir}")
-    if args.push_to_hub:
-        from .hub import push_to_hub
+    if not args.push_to_hub:
+        return 0
+    from .hub import push_to_hub
 
-        push_to_hub(output_dir, args.hub_model_id or output_dir.name,
-                    commit_message=f"apc-train --recipe {args.recipe}: {step} steps")
+    try:
+        commit = push_to_hub(output_dir, repo_name, commit_message=f"apc-train --recipe {args.recipe}: {step} steps")
+    except Exception as error:  # the model is saved; say how to retry rather than lose the run in a traceback
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"apc-train: error: --push_to_hub to {repo_name} failed: {message}; the model is in {output_dir}, "
+              f"retry with: apc-push --model_dir {output_dir} --repo_id {repo_name}", file=sys.stderr)
+        return 1
+    print(f"Pushed to {getattr(commit, 'commit_url', None) or repo_name}")
+    return 0
 
 
 if __name__ == "__main__":
