@@ -1,0 +1,272 @@
+"""The synthetic WSSS benchmark: does APC learn segmentation from image labels, and what does each part add?
+
+    python bench/learning.py                                   # the full grid: 3 poolings x PCL off/on x 3 seeds
+    python bench/learning.py --variants adaptive_k+pcl,max+pcl --seeds 0,1,2 --mae both
+    python bench/learning.py --variants adaptive_k+pcl --seeds 0 --max_train_steps 300 --no_doc   # a smoke run
+
+Each run is `apc-train --recipe synthetic` (a tiny ViT from scratch, CPU) with only the variant's config changed, so
+the table measures the recipe a user gets. Reported per variant, mean +- std over seeds:
+- pseudo-label mIoU on train (the online pseudo-labels the decoder learns from, judged against the true masks) and on
+  val (the same rule on the val images, so it can be compared with the decoder on the same images);
+- decoder mIoU on val, and on the test split for the default variant (test is never used to choose anything);
+- two floors measured here on the same images: all-background, and "label fill" (every pixel gets the labelled
+  foreground class with the largest mean pixel share in train images that carry it; background if unlabelled).
+The markdown table goes to docs/benchmarks.md under "## Learning (synthetic WSSS benchmark)" (the rest of the file is
+left alone) and a plot of val mIoU against step per variant to docs/learning_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SECTION = "## Learning (synthetic WSSS benchmark)"
+DEFAULT_VARIANT = "adaptive_k+pcl"
+ALL_VARIANTS = ["max", "max+pcl", "topk", "topk+pcl", "adaptive_k", "adaptive_k+pcl"]
+
+
+def variant_overrides(name: str) -> str:
+    pooling, _, pcl = name.partition("+")
+    if pooling not in ("max", "topk", "adaptive_k") or pcl not in ("", "pcl"):
+        raise SystemExit(f"bench/learning.py: unknown variant {name!r}; expected one of {ALL_VARIANTS}")
+    return f"pooling={pooling}" + ("" if pcl else ",pcl_loss_weight=0.0")
+
+
+def run_one(variant: str, mae: bool, seed: int, args) -> dict:
+    from apc_seg.train import RECIPES
+
+    recipe = RECIPES["synthetic"]
+    out = Path(args.output_dir) / f"{variant}{'-mae' if mae else ''}-seed{seed}"
+    metrics_file = out / "metrics.json"
+    if not (args.reuse and metrics_file.is_file()):
+        overrides = ",".join(filter(None, [recipe["config_overrides"], variant_overrides(variant)]))
+        cmd = [sys.executable, "-m", "apc_seg.train", "--recipe", "synthetic", "--seed", str(seed),
+               "--output_dir", str(out), "--report_to", "none", "--config_overrides", overrides,
+               "--mae_pretrain_steps", str(recipe.get("mae_pretrain_steps") or args.mae_steps if mae else 0)]
+        if args.max_train_steps:
+            cmd += ["--max_train_steps", str(args.max_train_steps)]
+        start = time.time()
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL if args.quiet else None)
+        wall = time.time() - start
+        metrics = json.loads(metrics_file.read_text())
+        metrics["wall_seconds"] = round(wall, 1)
+        metrics_file.write_text(json.dumps(metrics, indent=2))
+    return json.loads(metrics_file.read_text()) | {"output_dir": str(out)}
+
+
+def label_fill_frequencies(train_set, num_labels: int) -> np.ndarray:
+    """Mean pixel share of class c over the train images labelled with c (background: over all images)."""
+    share, count = np.zeros(num_labels), np.zeros(num_labels)
+    for row in train_set:
+        mask = np.asarray(row["mask"])
+        valid = mask != 255
+        for c in [0] + list(row["class_labels"]):
+            share[c] += (mask[valid] == c).mean()
+            count[c] += 1
+    return share / np.maximum(count, 1)
+
+
+def floors(dataset, freq: np.ndarray, num_labels: int) -> dict:
+    from apc_seg.metrics import confusion_matrix, miou_from_confusion
+
+    cm_bg = torch.zeros(num_labels, num_labels, dtype=torch.long)
+    cm_fill = torch.zeros_like(cm_bg)
+    for row in dataset:
+        mask = torch.from_numpy(np.asarray(row["mask"]).astype(np.int64))
+        labels = list(row["class_labels"])
+        fill = max(labels, key=lambda c: freq[c]) if labels else 0
+        cm_bg += confusion_matrix(torch.zeros_like(mask), mask, num_labels)
+        cm_fill += confusion_matrix(torch.full_like(mask, fill), mask, num_labels)
+    return {"all_background": miou_from_confusion(cm_bg)["miou"], "label_fill": miou_from_confusion(cm_fill)["miou"]}
+
+
+def judge(run: dict, seed: int, with_test: bool, cache: dict) -> dict:
+    """Pseudo-labels on val, decoder on test (default variant only), and the floors, for this run's seed."""
+    from apc_seg.data import make_synthetic
+    from apc_seg.evaluation import evaluate
+    from apc_seg.modeling_apc import APCForSemanticSegmentation
+    from apc_seg.train import RECIPES
+
+    recipe = RECIPES["synthetic"]
+    if seed not in cache:
+        # The same generator calls as apc-train (image i depends only on seed, split and i), plus the test split.
+        data = make_synthetic(num_train=recipe["num_train_images"], num_val=recipe["num_val_images"], num_test=256,
+                              image_size=recipe["crop_size"], seed=seed)
+        freq = label_fill_frequencies(data["train"], 4)
+        cache[seed] = {"data": data, "val": floors(data["val"], freq, 4), "test": floors(data["test"], freq, 4)}
+    data = cache[seed]["data"]
+    model = APCForSemanticSegmentation.from_pretrained(run["output_dir"]).eval()
+    result = {"val_pseudo_miou": evaluate(model, data["val"], mode="pseudo")["miou"]}
+    if with_test:
+        test = evaluate(model, data["test"])
+        result["test_miou"] = test["miou"]
+        result["test_per_class_iou"] = test["per_class_iou"]
+    return result
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.fmean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f} +- {std:.1f}"
+
+
+def per_seed(values: list[float]) -> str:
+    return " / ".join(f"{100 * v:.1f}" for v in values)
+
+
+def make_table(rows: list[dict], seeds: list[int], cache: dict) -> str:
+    lines = ["| variant | MAE | pseudo mIoU train | pseudo mIoU val | decoder mIoU val | decoder mIoU val per seed "
+             "| final - best val | decoder mIoU test | test per seed | train s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        runs = row["runs"]
+        test = [r["test_miou"] for r in runs if "test_miou" in r]
+        gap = [r["val_miou"] - r["best_val_miou"] for r in runs]
+        lines.append(
+            f"| {row['variant']} | {'yes' if row['mae'] else 'no'} | "
+            f"{mean_std([r['train_pseudo_miou'] for r in runs])} | {mean_std([r['val_pseudo_miou'] for r in runs])} | "
+            f"{mean_std([r['val_miou'] for r in runs])} | {per_seed([r['val_miou'] for r in runs])} | "
+            f"{mean_std(gap)} | {mean_std(test)} | {per_seed(test) if test else '-'} | "
+            f"{statistics.fmean(r['train_seconds'] for r in runs):.0f} |")
+    floor_lines = ["", "Floors on the same images (mIoU, mean +- std over the seeds' datasets):", "",
+                   "| floor | val | test |", "|---|---|---|"]
+    for key, name in (("all_background", "all background"), ("label_fill", "label fill (image labels known)")):
+        floor_lines.append(f"| {name} | {mean_std([cache[s]['val'][key] for s in seeds])} | "
+                           f"{mean_std([cache[s]['test'][key] for s in seeds])} |")
+    return "\n".join(lines + floor_lines)
+
+
+def per_class_lines(rows: list[dict]) -> list[str]:
+    from apc_seg.labels import SYNTHETIC_CLASSES
+
+    out = []
+    for row in rows:
+        for run, seed in zip(row["runs"], row["seeds"]):
+            if "test_per_class_iou" in run:
+                ious = ", ".join(f"{name} {100 * (v or 0):.1f}"
+                                 for name, v in zip(SYNTHETIC_CLASSES, run["test_per_class_iou"]))
+                out.append(f"- {row['variant']}{' + MAE' if row['mae'] else ''}, seed {seed}: test IoU {ious}")
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        histories = [r["val_history"] for r in row["runs"]]
+        steps = [h["step"] for h in histories[0]]
+        values = np.array([[h["val_miou"] for h in hist][: len(steps)] for hist in histories]) * 100
+        label = f"{row['variant']}{' + MAE' if row['mae'] else ''} (n={len(histories)})"
+        ax.plot(steps, values.mean(0), marker="o", label=label)
+        if len(histories) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("val decoder mIoU (%)")
+    ax.set_title("apc-train --recipe synthetic: val mIoU (mean, band = min..max over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_section(doc: Path, body: str) -> None:
+    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
+    start = text.find(SECTION)
+    if start == -1:
+        text = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + body.rstrip("\n") + "\n" + (text[end:] if end != -1 else "")
+    doc.write_text(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"Comma list of {ALL_VARIANTS}.")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--mae", choices=("recipe", "on", "off", "both"), default="recipe",
+                   help="recipe: as the synthetic recipe sets --mae_pretrain_steps; both: rows with and without.")
+    p.add_argument("--mae_steps", type=int, default=600, help="MAE steps for --mae on/both if the recipe has none.")
+    p.add_argument("--max_train_steps", type=int, default=None, help="Override the recipe's (shorter runs).")
+    p.add_argument("--output_dir", default="/tmp/apc-learning")
+    p.add_argument("--reuse", action="store_true", help="Reuse finished runs found in --output_dir.")
+    p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
+    p.add_argument("--plot", default=str(REPO / "docs" / "learning_curves.png"))
+    p.add_argument("--no_doc", action="store_true", help="Print the table only.")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from apc_seg.train import RECIPES
+
+    recipe_mae = bool(RECIPES["synthetic"].get("mae_pretrain_steps"))
+    mae_settings = {"recipe": [recipe_mae], "on": [True], "off": [False], "both": [False, True]}[args.mae]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    rows, cache, start = [], {}, time.time()
+    for mae in mae_settings:
+        for variant in variants:
+            runs = []
+            for seed in seeds:
+                run = run_one(variant, mae, seed, args)
+                with_test = variant == DEFAULT_VARIANT
+                run |= judge(run, seed, with_test, cache)
+                runs.append(run)
+                print(f"{variant}{' + MAE' if mae else ''} seed {seed}: val {100 * run['val_miou']:.1f}, "
+                      f"train pseudo {100 * run['train_pseudo_miou']:.1f}, val pseudo {100 * run['val_pseudo_miou']:.1f}"
+                      + (f", test {100 * run['test_miou']:.1f}" if with_test else "")
+                      + f", {run['train_seconds']:.0f} s", flush=True)
+            rows.append({"variant": variant, "mae": mae, "runs": runs, "seeds": seeds})
+    table = make_table(rows, seeds, cache)
+    print(table)
+    if args.no_doc:
+        return 0
+
+    from apc_seg.train import RECIPES as R
+
+    recipe = {k: v for k, v in R["synthetic"].items() if k not in ("output_dir",)}
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
+    not_run = [v for v in ALL_VARIANTS if v not in variants]
+    body = "\n".join([
+        SECTION, "",
+        f"Produced by `python bench/learning.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
+        f"({time.strftime('%Y-%m-%d')}, {cpu}, torch {torch.__version__}; the whole benchmark took "
+        f"{(time.time() - start) / 60:.1f} min). Every run is `apc-train --recipe synthetic` with the variant's "
+        "config change only"
+        + (f" and `--max_train_steps {args.max_train_steps}`" if args.max_train_steps else "") + ".",
+        f"Recipe: `{json.dumps(recipe)}`.", "",
+        f"Seeds: {', '.join(map(str, seeds))} (the seed also draws the synthetic dataset). "
+        f"Variants run: {', '.join(variants)}; MAE rows: {', '.join('yes' if m else 'no' for m in mae_settings)}."
+        + (f" Not run in this table: {', '.join(not_run)}." if not_run else ""), "",
+        "mIoU in %, mean +- std over seeds. 'final - best val' is the final val mIoU minus the best seen at the "
+        "validation steps. Test is scored for the default variant (adaptive_k+pcl) only.", "",
+        table, "",
+        "Per-class test IoU of the default variant:", "",
+        *per_class_lines(rows), "",
+        f"![val mIoU against step]({Path(args.plot).name})", "",
+    ])
+    write_section(Path(args.doc), body)
+    plot(rows, Path(args.plot))
+    print(f"wrote {args.doc} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
