@@ -226,11 +226,14 @@ def parse_backbone_overrides(backbone: dict | None, text: str | None) -> dict | 
     from transformers import ViTConfig
 
     defaults = ViTConfig().to_dict()
+    from .configuration_apc import APCConfig
+
     merged = {**(backbone or {}), **_parse_fields(text, defaults, "hidden_size=32")}
     config = ViTConfig(**merged)
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
                          f"{config.num_attention_heads}")
+    APCConfig(backbone_config=merged)  # e.g. the patch mixer needs hidden_size to be a multiple of 4
     return merged
 
 

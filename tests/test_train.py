@@ -1,0 +1,352 @@
+"""apc-train end to end on a tiny model: the output folder, exact resume after a kill, checkpoints, two CPU
+processes, the Hub push path and one-line CLI errors."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from apc_seg import train
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# A 1-layer hidden-32 ViT on 32 px crops, 32 train / 8 val images, 4 updates per epoch; PCL keeps 8 of 16 patches,
+# so its random subset is exercised, as are the dropouts of the mixer and the classifier.
+TINY = [
+    "--recipe", "synthetic", "--num_train_images", "32", "--num_val_images", "8", "--crop_size", "32",
+    "--per_device_train_batch_size", "8",
+    "--backbone_overrides", "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64,image_size=32",
+    "--config_overrides", "decoder_hidden_size=16,pcl_max_patches=8,par_dilations=1;2",
+    "--seg_warmup_steps", "3", "--pseudo_eval_max_images", "8", "--logging_steps", "1",
+]
+
+
+def offline_env(**extra) -> dict:
+    # One thread, as in this process (below): bit-identity between processes needs the same reduction order.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and on a busy 2-core machine oneDNN's LSTM
+    with 2 threads is 100x slower than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
+
+
+# ------------------------------------------------------------------------------------------------ quick start
+
+
+def test_quick_start_leaves_a_loadable_model_with_metrics_events_and_card(tmp_path, capsys):
+    import transformers
+
+    from apc_seg import APCForSemanticSegmentation
+
+    out = tmp_path / "apc-synthetic"
+    assert train.main(TINY + ["--output_dir", str(out), "--max_train_steps", "4", "--eval_steps", "2",
+                              "--checkpointing_steps", "2"]) == 0
+    printed = capsys.readouterr()
+    assert "apc-train" in printed.err and "4/4" in printed.err  # the tqdm bar
+    assert "step 2: val mIoU" in printed.err + printed.out and "model saved to" in printed.out
+
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("val_miou", "train_pseudo_miou"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["train_steps"] == 4 and metrics["train_seconds"] > 0
+    assert [h["step"] for h in metrics["val_history"]] == [2, 4]
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "no TensorBoard event files"
+    card = (out / "README.md").read_text()
+    assert "APC" in card and "synthetic" in card and f"{100 * metrics['val_miou']:.2f}" in card
+    assert (out / "best" / "model.safetensors").is_file()
+
+    model = APCForSemanticSegmentation.from_pretrained(out)
+    auto = transformers.AutoModelForSemanticSegmentation.from_pretrained(out)
+    assert type(auto) is APCForSemanticSegmentation and model.config.num_labels == 4
+    segmenter = transformers.pipeline("image-segmentation", model=str(out))
+    masks = segmenter(Image.new("RGB", (45, 37), (120, 60, 30)))
+    assert masks and all(m["mask"].size == (45, 37) for m in masks)
+    assert {m["label"] for m in masks} <= {"background", "stripes", "dots", "checker"}
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+# Run in a fresh interpreter: apc-train, with the batches' image ids logged, and (for "kill") os._exit right after
+# the first checkpoint is written, which ends the process as abruptly as SIGKILL (no cleanup, no final save).
+_DRIVER = textwrap.dedent("""
+    import json, os, sys
+    import apc_seg.data.transforms as transforms
+    import apc_seg.train as train
+
+    log, kill, argv = sys.argv[1], sys.argv[2] == "kill", sys.argv[3:]
+    collate = transforms.collate_fn
+    def logged_collate(examples, **kwargs):
+        with open(log, "a") as f:
+            f.write(json.dumps([ex["image_id"] for ex in examples]) + "\\n")
+        return collate(examples, **kwargs)
+    transforms.collate_fn = logged_collate
+    if kill:
+        save = train.save_checkpoint
+        def save_then_die(*args, **kwargs):
+            save(*args, **kwargs)
+            os._exit(137)
+        train.save_checkpoint = save_then_die
+    sys.exit(train.main(argv))
+""")
+
+
+def log_batches(monkeypatch, log: Path) -> None:
+    """The same image-id log as _DRIVER, for runs in this process."""
+    import apc_seg.data.transforms as transforms
+
+    collate = transforms.collate_fn
+
+    def logged_collate(examples, **kwargs):
+        with open(log, "a") as f:
+            f.write(json.dumps([ex["image_id"] for ex in examples]) + "\n")
+        return collate(examples, **kwargs)
+
+    monkeypatch.setattr(transforms, "collate_fn", logged_collate)
+
+
+def read_batches(log: Path) -> list[list[str]]:
+    # The loader collates one batch ahead of the one in use, so a log may end with a batch that never trained.
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_resume_after_kill_is_bit_identical_with_the_same_data_order(tmp_path, monkeypatch, capsys):
+    # 10 steps of 4 per epoch; the kill comes after the checkpoint at step 6, in the middle of the second epoch,
+    # so the resumed run must replay that epoch's order and skip its first 2 batches. Validation at steps 3 and 9
+    # runs in between, as in real runs.
+    run = ["--max_train_steps", "10", "--eval_steps", "3", "--report_to", "none"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+
+    log_batches(monkeypatch, tmp_path / "straight.log")
+    assert train.main(TINY + run + ["--output_dir", str(straight), "--checkpointing_steps", "6"]) == 0
+
+    killed = subprocess.run(
+        [sys.executable, "-c", _DRIVER, str(tmp_path / "killed.log"), "kill",
+         *TINY, *run, "--output_dir", str(broken), "--checkpointing_steps", "6"],
+        env=offline_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert [p.name for p in train.list_checkpoints(broken)] == ["step_6"]
+    assert not (broken / "model.safetensors").exists()  # it really died before the end
+
+    log_batches(monkeypatch, tmp_path / "resumed.log")
+    assert train.main(TINY + run + ["--output_dir", str(broken), "--checkpointing_steps", "6",
+                                    "--resume_from_checkpoint", "latest"]) == 0
+    assert "at step 6" in capsys.readouterr().out  # lost nothing: it goes on from the last checkpoint
+
+    assert_same_weights(straight, broken)
+    order = read_batches(tmp_path / "straight.log")
+    assert read_batches(tmp_path / "killed.log")[:6] == order[:6]
+    assert read_batches(tmp_path / "resumed.log")[:4] == order[6:10]
+    assert order[:4] != order[4:8], "the epochs should be shuffled differently"
+    straight_metrics = json.loads((straight / "metrics.json").read_text())
+    resumed_metrics = json.loads((broken / "metrics.json").read_text())
+    assert resumed_metrics["val_history"] == straight_metrics["val_history"]
+    assert resumed_metrics["val_miou"] == straight_metrics["val_miou"]
+
+    # Another config is refused with one line naming the flag; a longer run is allowed, with a warning.
+    with pytest.raises(SystemExit) as error:
+        train.main(TINY + run + ["--output_dir", str(broken), "--resume_from_checkpoint", "latest",
+                                 "--config_overrides", "decoder_hidden_size=24,pcl_max_patches=8,par_dilations=1;2"])
+    message = str(error.value)
+    assert "--config_overrides" in message and "decoder_hidden_size" in message and "\n" not in message
+    with pytest.raises(SystemExit) as error:
+        train.main(TINY + run + ["--output_dir", str(broken), "--resume_from_checkpoint", "latest",
+                                 "--learning_rate", "0.01"])
+    assert "--learning_rate" in str(error.value)
+    capsys.readouterr()
+    assert train.main(TINY + ["--max_train_steps", "12", "--eval_steps", "100", "--report_to", "none",
+                              "--output_dir", str(broken), "--resume_from_checkpoint", "latest"]) == 0
+    assert "warning: resuming with max_train_steps: checkpoint 10, now 12" in capsys.readouterr().out
+    assert json.loads((broken / "metrics.json").read_text())["train_steps"] == 12
+
+
+def test_checkpoints_total_limit_keeps_the_newest_complete_ones(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--output_dir", str(out), "--max_train_steps", "5", "--checkpointing_steps", "1",
+                              "--checkpoints_total_limit", "2", "--eval_steps", "100", "--report_to", "none"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_4"]
+    for step in ("step_3", "step_4"):
+        saved = json.loads((out / "checkpoints" / step / "apc_run.json").read_text())
+        assert saved["step"] == int(step.split("_")[1])
+    # A save that was interrupted (no apc_run.json, written last) is never resumed from.
+    (out / "checkpoints" / "step_9").mkdir()
+    assert train.list_checkpoints(out)[-1].name == "step_4"
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_two_cpu_processes_trains_and_gathers_the_single_process_miou(tmp_path):
+    from apc_seg import APCForSemanticSegmentation
+    from apc_seg.data import make_synthetic
+    from apc_seg.evaluation import evaluate
+
+    out = tmp_path / "ddp"
+    # On a machine without GPUs, `--multi_gpu` is accelerate's torchrun launcher; apc-train then runs gloo on CPUs.
+    launched = subprocess.run(
+        [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         "-m", "apc_seg.train", *TINY, "--per_device_train_batch_size", "4", "--output_dir", str(out),
+         "--max_train_steps", "4", "--eval_steps", "2", "--checkpointing_steps", "2", "--report_to", "none"],
+        env=offline_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "4 x 2 process(es)" in launched.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 4 and metrics["hardware"].startswith("2 process(es)")
+    assert (out / "checkpoints" / "step_2" / "random_states_1.pkl").is_file()  # each process saved its RNGs
+
+    # The validation mIoU gathered over 2 processes (4 images each) is the one process sees on all 8.
+    model = APCForSemanticSegmentation.from_pretrained(out)
+    val = make_synthetic(num_train=0, num_val=8, num_test=0, image_size=32, seed=0)["val"]
+    assert metrics["val_miou"] == evaluate(model, val)["miou"]
+
+
+# ------------------------------------------------------------------------------------------------ push
+
+
+class FakeHfApi:
+    """Records what huggingface_hub.HfApi would be asked; reads the files at commit time."""
+
+    instances = []
+
+    def __init__(self, token=None):
+        self.calls, self.uploaded = [], {}
+        FakeHfApi.instances.append(self)
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, commit_message, **kwargs):
+        self.calls.append(("create_commit", repo_id, commit_message))
+        for op in operations:
+            self.uploaded[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
+
+
+def test_push_to_hub_uploads_the_trained_folder(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    FakeHfApi.instances.clear()
+    out = tmp_path / "apc-synthetic"
+    assert train.main(TINY + ["--output_dir", str(out), "--max_train_steps", "2", "--eval_steps", "100",
+                              "--checkpointing_steps", "1", "--report_to", "none", "--push_to_hub",
+                              "--hub_model_id", "alice/apc-tiny"]) == 0
+    (api,) = FakeHfApi.instances
+    assert [c[:2] for c in api.calls] == [("create_repo", "alice/apc-tiny"), ("create_commit", "alice/apc-tiny")]
+    assert api.calls[1][2] == "apc-train --recipe synthetic: 2 steps"
+    assert set(api.uploaded) == {"model.safetensors", "config.json", "preprocessor_config.json", "metrics.json",
+                                 "README.md"}  # no checkpoints, optimiser states or TensorBoard logs
+    assert api.uploaded["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert b"alice/apc-tiny" in api.uploaded["README.md"]
+    assert "Pushed to https://huggingface.co/alice/apc-tiny" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--recipe", "imagenet"], "--recipe"),
+        (["--recipe", "voc"], "--data_dir"),
+        (["--recipe", "voc", "--data_dir", "/no/such/VOCdevkit"], "--data_dir"),
+        (["--config_overrides", "akp_ratio=2"], "--config_overrides"),
+        (["--config_overrides", "akp_ratio=high"], "--config_overrides"),
+        (["--config_overrides", "no_such_field=1"], "--config_overrides"),
+        (["--backbone_overrides", "hidden_size=30"], "--backbone_overrides"),
+        (["--max_train_steps", "0"], "--max_train_steps"),
+        (["--resume_from_checkpoint", "/no/such/checkpoint"], "--resume_from_checkpoint"),
+    ],
+)
+def test_bad_flags_exit_with_one_line_naming_the_flag(argv, flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        train.main(argv + ["--output_dir", str(tmp_path / "out")])
+    assert error.value.code != 0
+    assert flag in _error_line(capsys)
+
+
+def test_output_dir_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as error:
+        train.main(TINY + ["--output_dir", str(blocker / "out")])
+    assert error.value.code != 0 and "--output_dir" in _error_line(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod; the path-below-a-file test covers root")
+def test_read_only_output_dir_is_a_one_line_error(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as error:
+        train.main(TINY + ["--output_dir", str(locked / "out")])
+    assert error.value.code != 0 and "--output_dir" in _error_line(capsys)
+
+
+def test_crop_size_not_a_patch_multiple_names_the_flag(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        train.main(TINY + ["--crop_size", "30", "--output_dir", str(tmp_path / "out")])
+    assert "--crop_size 30" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_console_script_reports_an_unknown_recipe_in_one_line(tmp_path):
+    result = subprocess.run([str(BIN / "apc-train"), "--recipe", "imagenet", "--output_dir", str(tmp_path)],
+                            env=offline_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "--recipe" in result.stderr
+
+
+def test_help_documents_the_recipes_and_the_interface_flags():
+    text = train.build_parser().format_help()
+    for flag in ("--recipe", "--dataset", "--data_dir", "--train_split", "--val_split", "--output_dir",
+                 "--model_name_or_path", "--config_overrides", "--max_train_steps", "--per_device_train_batch_size",
+                 "--gradient_accumulation_steps", "--learning_rate", "--crop_size", "--seed", "--mixed_precision",
+                 "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint", "--eval_steps",
+                 "--num_workers", "--report_to", "--push_to_hub", "--hub_model_id", "--skip_bad_images",
+                 "--backbone_overrides"):
+        assert flag in text, flag
