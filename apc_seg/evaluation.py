@@ -78,7 +78,8 @@ def refine_with_crf(images, probs: torch.Tensor) -> torch.Tensor:
     """Dense-CRF refinement of `(B, C, H, W)` probabilities, each with its RGB image (PIL or H x W x 3 uint8)."""
     from .crf import dense_crf
 
-    refined = [dense_crf(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image), p.cpu().numpy())
+    # np.array copies: pydensecrf needs a writable buffer, and np.asarray of a PIL image is read-only.
+    refined = [dense_crf(np.array(image.convert("RGB") if hasattr(image, "convert") else image), p.cpu().numpy())
                for image, p in zip(images, probs)]
     return torch.as_tensor(np.stack(refined)).to(probs.device)
 
@@ -243,15 +244,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     accelerator = Accelerator(cpu=launched_without_gpus())
     try:
-        model = APCForSemanticSegmentation.from_pretrained(args.model).to(accelerator.device)
-    except (OSError, ValueError) as error:
-        parser.error(f"--model {args.model}: {str(error).splitlines()[0]}")
-    try:
         with accelerator.main_process_first():  # the first process builds the datasets cache, the others reuse it
             dataset = load_split(args.dataset, args.data_dir, args.split, args.skip_bad_images, args.seed,
                                  args.num_images, args.image_size)
     except (FileNotFoundError, ValueError, KeyError) as error:
         parser.error(str(error).strip("'\""))
+    try:
+        model = APCForSemanticSegmentation.from_pretrained(args.model).to(accelerator.device)
+    except (OSError, ValueError) as error:
+        parser.error(f"--model {args.model}: {str(error).splitlines()[0]}")
     result = evaluate(model, dataset, mode=args.mode, scales=scales, flip=args.flip, crf=args.crf,
                       batch_size=args.batch_size, accelerator=accelerator, max_images=args.max_images)
     if accelerator.is_main_process:
