@@ -350,3 +350,33 @@ def test_help_documents_the_recipes_and_the_interface_flags():
                  "--num_workers", "--report_to", "--push_to_hub", "--hub_model_id", "--skip_bad_images",
                  "--backbone_overrides"):
         assert flag in text, flag
+
+
+def _documented_commands():
+    """Shell lines of docs/training.md's code blocks and of examples/*.sh, backslash continuations joined."""
+    texts = [block.split("```")[0] for block in (ROOT / "docs" / "training.md").read_text().split("```bash")[1:]]
+    texts += [path.read_text() for path in sorted((ROOT / "examples").glob("*.sh"))]
+    for text in texts:
+        for line in text.replace("\\\n", " ").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                yield line
+
+
+def test_documented_commands_use_existing_flags():
+    from apc_seg import evaluation, hub, infer
+
+    parsers = {"train": train.build_parser(), "eval": evaluation.build_parser(), "infer": infer.build_parser(),
+               "push": hub.build_parser()}
+    tools = {"apc-train": "train", "apc_seg.train": "train", '"${TRAIN[@]}"': "train",
+             "apc-eval": "eval", "apc_seg.evaluation": "eval", '"${EVAL[@]}"': "eval",
+             "apc-infer": "infer", "apc-push": "push"}
+    checked = {name: 0 for name in parsers}
+    for line in _documented_commands():
+        tool = None  # flags before a tool belong to accelerate launch
+        for token in line.split():
+            tool = tools.get(token, tool)
+            if tool and token.startswith("--"):
+                flag = token.split("=")[0]
+                assert flag in parsers[tool]._option_string_actions, f"{flag} is not an option of {tool}: {line}"
+                checked[tool] += 1
+    assert all(checked.values()), checked
