@@ -56,6 +56,10 @@ class APCConfig(PretrainedConfig):
             probability is below this are ignored (255).
         pseudo_label_refine (`str`, *optional*, defaults to `"par"`): `"par"` refines pseudo-labels with ToCo's
             pixel-adaptive refinement on the image; `"none"` skips it.
+        pseudo_label_max_classes (`int`, *optional*):
+            The most classes (background included) any training image holds. When set, pseudo-labels and PAR are
+            computed on that many channels instead of `num_labels` (exact, and much cheaper on VOC/COCO; `apc-train`
+            sets it from the training split). `None` uses all channels.
         par_dilations (`list[int]`), par_iterations (`int`), par_w1 (`float`), par_w2 (`float`), par_scale
             (`float`): PAR's neighbourhood dilations [1, 2, 4, 8, 12, 24], iterations [10], colour and position
             temperatures [0.3, 0.01], and the resolution it runs at relative to the crop [0.5].
@@ -87,6 +91,7 @@ class APCConfig(PretrainedConfig):
         seg_loss_weight: float = 0.1,
         pseudo_label_threshold: float = 0.5,
         pseudo_label_refine: str = "par",
+        pseudo_label_max_classes: int | None = None,
         par_dilations: list[int] | tuple[int, ...] = (1, 2, 4, 8, 12, 24),
         par_iterations: int = 10,
         par_w1: float = 0.3,
@@ -120,6 +125,7 @@ class APCConfig(PretrainedConfig):
         self.seg_loss_weight = seg_loss_weight
         self.pseudo_label_threshold = pseudo_label_threshold
         self.pseudo_label_refine = pseudo_label_refine
+        self.pseudo_label_max_classes = pseudo_label_max_classes
         self.par_dilations = list(par_dilations)
         self.par_iterations = par_iterations
         self.par_w1 = par_w1
@@ -173,6 +179,8 @@ class APCConfig(PretrainedConfig):
         for field in ("cls_loss_weight", "pcl_loss_weight", "seg_loss_weight", "pcl_margin", "par_w1", "par_w2"):
             if getattr(self, field) < 0:
                 fail(field, "a number >= 0")
+        if self.pseudo_label_max_classes is not None and int(self.pseudo_label_max_classes) < 1:
+            fail("pseudo_label_max_classes", "None or an integer >= 1")
         if not 0.0 < self.par_scale <= 1.0:
             fail("par_scale", "a number in (0, 1]")
         if not self.par_dilations or any(int(d) < 1 for d in self.par_dilations):

@@ -386,6 +386,7 @@ class APCForSemanticSegmentation(APCPreTrainedModel):
             par_kwargs={"dilations": config.par_dilations, "iterations": config.par_iterations,
                         "w1": config.par_w1, "w2": config.par_w2},
             par_scale=config.par_scale,
+            max_classes=config.pseudo_label_max_classes,
         )
 
     @torch.no_grad()

@@ -114,6 +114,7 @@ def make_pseudo_labels(
     refine: str = "par",
     par_kwargs: dict | None = None,
     par_scale: float = 0.5,
+    max_classes: int | None = None,
 ) -> torch.Tensor:
     """Pixel pseudo-labels for the decoder's loss.
 
@@ -124,12 +125,24 @@ def make_pseudo_labels(
         threshold: pixels whose winning probability is below it become 255.
         refine: `"par"` or `"none"`.
         par_scale: PAR runs at this fraction of the crop resolution (ToCo: 0.5), then is upsampled.
+        max_classes: if set, the work after the label mask runs on each image's first `max_classes` channels in
+            present-first order and the labels are mapped back. Absent classes are exactly zero throughout, so this
+            is exact when no image holds more classes (background included); on VOC (at most 7 of 21) it makes
+            PAR, the costliest part of the training step on a GPU, about 3x cheaper. Checked on the device without
+            a host sync.
 
     Returns:
         `(B, H, W)` int64 labels in `[0, C)` or 255.
     """
     height, width = pixel_values.shape[-2:]
     probs = class_normalised_probs(patch_probs.float(), class_labels)
+    channels = None
+    if max_classes is not None and max_classes < probs.shape[1]:
+        present = class_labels.clone()
+        present[:, 0] = 1
+        torch._assert_async((present > 0).sum(dim=1).max() <= max_classes)
+        channels = present.argsort(dim=1, descending=True, stable=True)[:, :max_classes]  # present ones first
+        probs = probs.gather(1, channels[:, :, None, None].expand(-1, -1, *probs.shape[-2:]))
     if refine == "par":
         small = (max(1, round(height * par_scale)), max(1, round(width * par_scale)))
         image = F.interpolate(pixel_values.float(), size=small, mode="bilinear", align_corners=False)
@@ -139,4 +152,6 @@ def make_pseudo_labels(
         raise ValueError(f"refine={refine!r} is invalid: expected 'par' or 'none'.")
     probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
     confidence, labels = probs.max(dim=1)
+    if channels is not None:
+        labels = channels.gather(1, labels.flatten(1)).view_as(labels)
     return labels.masked_fill(confidence < threshold, IGNORE_INDEX)

@@ -40,13 +40,14 @@ def default_peak(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
-def build(small: bool, fast: bool, crop_size: int):
+def build(small: bool, fast: bool, crop_size: int, max_classes: int | None):
     backbone = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                      patch_size=16) if small else dict())  # ViT-B/16
     # Position embeddings at the crop size, as apc-train's from_pretrained_backbone(image_size=crop) makes them.
     backbone["image_size"] = crop_size
     config = APCConfig(backbone_config=backbone, id2label=dict(enumerate(VOC_CLASSES)),
-                       pooling="adaptive_k" if fast else "max")
+                       pooling="adaptive_k" if fast else "max",
+                       pseudo_label_max_classes=max_classes if fast else None)
     config._attn_implementation = "sdpa" if fast else "eager"
     return APCForSemanticSegmentation(config)
 
@@ -54,15 +55,21 @@ def build(small: bool, fast: bool, crop_size: int):
 def measure(args, fast: bool, compile_model: bool = False) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build(args.small, fast, args.crop_size).to(device).train()
+    model = build(args.small, fast, args.crop_size, args.max_classes).to(device).train()
     fused = fast and device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None,
                                   foreach=None if fused else False)
     step_model = torch.compile(model) if compile_model else model
     batch, size = args.batch_size, args.crop_size
     pixel_values = torch.randn(batch, 3, size, size, device=device)
-    class_labels = (torch.rand(batch, model.config.num_labels, device=device) < 0.15).float()
+    # VOC-like image labels: background plus 1-3 foreground classes per image.
+    generator = torch.Generator().manual_seed(0)
+    class_labels = torch.zeros(batch, model.config.num_labels)
     class_labels[:, 0] = 1
+    for row in class_labels:
+        count = int(torch.randint(1, 4, (1,), generator=generator))
+        row[1 + torch.randperm(model.config.num_labels - 1, generator=generator)[:count]] = 1
+    class_labels = class_labels.to(device)
     use_bf16 = fast and (device.type != "cpu" or args.cpu_bf16)
 
     def step():
@@ -138,12 +145,16 @@ def main(argv=None) -> int:
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="Device peak (dense bf16) TFLOP/s for MFU; default from the device name "
                              "(H100/H200 989, A100 312).")
+    parser.add_argument("--max_classes", type=int, default=4,
+                        help="pseudo_label_max_classes of the fast path (background + at most 3 classes here; "
+                             "apc-train takes it from the training split). 0 = off.")
     parser.add_argument("--cpu_bf16", action="store_true", help="Use bf16 autocast on the CPU fast path too.")
     parser.add_argument("--profile", action="store_true", help="Print a profile of the fast step.")
     parser.add_argument("--json", help="Also write the rows to this file.")
     args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (2 if args.small else VOC_BATCH)
     args.crop_size = args.crop_size or (96 if args.small else 448)
+    args.max_classes = args.max_classes or None
 
     device = torch.device(args.device)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"

@@ -130,3 +130,24 @@ def test_seg_loss_switch_and_pseudo_labels_method():
     assert pseudo.shape == (1, 32, 32) and set(pseudo.unique().tolist()) <= {0, 2, IGNORE_INDEX}
     with pytest.raises(ValueError, match="num_labels=3"):
         model(pixel_values, class_labels=torch.ones(1, 5))
+
+
+@pytest.mark.parametrize("refine", ["par", "none"])
+def test_pseudo_labels_on_present_classes_only_are_exact(refine):
+    probs = torch.rand(4, 21, 6, 6).softmax(dim=1)
+    labels = torch.zeros(4, 21)
+    labels[:, 0] = 1
+    labels[0, [3, 15]] = 1
+    labels[1, [20]] = 1
+    labels[3, [1, 2, 7, 19]] = 1  # 5 classes with background: the most in this batch
+    image = torch.randn(4, 3, 48, 48)
+    full = make_pseudo_labels(probs, labels, image, threshold=0.3, refine=refine)
+    compact = make_pseudo_labels(probs, labels, image, threshold=0.3, refine=refine, max_classes=5)
+    assert torch.equal(full, compact)
+    assert set(compact[3].unique().tolist()) - {IGNORE_INDEX} <= {0, 1, 2, 7, 19}
+
+
+def test_pseudo_labels_refuse_an_image_with_more_classes_than_max_classes():
+    labels = torch.ones(1, 6)
+    with pytest.raises(RuntimeError):
+        make_pseudo_labels(torch.rand(1, 6, 4, 4).softmax(1), labels, torch.randn(1, 3, 32, 32), max_classes=3)
