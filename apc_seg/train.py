@@ -54,6 +54,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         logging_steps=20, num_workers=0,
         config_overrides="decoder_hidden_size=64,decoder_dilation=2,pcl_max_patches=64,par_dilations=1;2;4",
         num_train_images=1024, num_val_images=256,
+        # MAE pretraining of the from-scratch ViT before APC (apc-pretrain); off until it is measured to help here
+        # (docs/benchmarks.md, "Learning").
+        mae_pretrain_steps=0,
     ),
 }
 
