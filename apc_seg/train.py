@@ -310,6 +310,7 @@ def pretrain_backbone(args) -> str:
     argv = ["--dataset", args.dataset, "--output_dir", str(folder), "--max_train_steps", str(args.mae_pretrain_steps),
             "--image_size", str(args.crop_size), "--seed", str(args.seed), "--mixed_precision", args.mixed_precision,
             "--num_workers", str(args.num_workers), "--report_to", args.report_to,
+            "--per_device_train_batch_size", str(args.per_device_train_batch_size),
             "--checkpointing_steps", str(10 ** 9)]
     if args.dataset == "synthetic":
         argv += ["--num_train_images", str(args.num_train_images)]

@@ -84,3 +84,18 @@ def test_resume_with_other_settings_fails(pretrained, tmp_path):
     shutil.copytree(pretrained / "checkpoints" / "step_2", other / "checkpoints" / "step_2")
     with pytest.raises(SystemExit, match="mask_ratio"):
         _run(other, "--resume_from_checkpoint", "latest", "--mask_ratio", "0.5")
+
+
+def test_apc_train_pretrains_first(tmp_path):
+    from apc_seg.train import main as train_main
+
+    out = tmp_path / "apc"
+    argv = ["--recipe", "synthetic", "--num_train_images", "16", "--num_val_images", "4", "--crop_size", "32",
+            "--per_device_train_batch_size", "4", "--backbone_overrides", TINY,
+            "--config_overrides", "decoder_hidden_size=16,pcl_max_patches=8,par_dilations=1;2",
+            "--max_train_steps", "2", "--eval_steps", "2", "--seg_warmup_steps", "1", "--pseudo_eval_max_images", "4",
+            "--report_to", "none", "--output_dir", str(out), "--mae_pretrain_steps", "2"]
+    assert train_main(argv) == 0
+    backbone = ViTModel.from_pretrained(out / "mae_backbone", add_pooling_layer=False)
+    model = APCForSemanticSegmentation.from_pretrained(out)
+    assert model.config.backbone_config.hidden_size == backbone.config.hidden_size == 32
