@@ -140,39 +140,47 @@ def read_batches(log: Path) -> list[list[str]]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-def test_resume_after_kill_is_bit_identical_with_the_same_data_order(tmp_path, monkeypatch, capsys):
-    # 10 steps of 4 per epoch; the kill comes after the checkpoint at step 6, in the middle of the second epoch,
-    # so the resumed run must replay that epoch's order and skip its first 2 batches. Validation at steps 3 and 9
-    # runs in between, as in real runs.
-    run = ["--max_train_steps", "10", "--eval_steps", "3", "--report_to", "none"]
+def kill_and_resume(tmp_path, monkeypatch, capsys, run: list[str], kill_at: int) -> tuple[Path, Path]:
+    """A straight run and the same run killed after its checkpoint at `kill_at`, then resumed with `latest`:
+    same weights, bit for bit. Returns both output folders (the batch logs are next to them)."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run = TINY + run + ["--report_to", "none", "--checkpointing_steps", str(kill_at)]
 
     log_batches(monkeypatch, tmp_path / "straight.log")
-    assert train.main(TINY + run + ["--output_dir", str(straight), "--checkpointing_steps", "6"]) == 0
+    assert train.main(run + ["--output_dir", str(straight)]) == 0
 
     killed = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(tmp_path / "killed.log"), "kill",
-         *TINY, *run, "--output_dir", str(broken), "--checkpointing_steps", "6"],
+        [sys.executable, "-c", _DRIVER, str(tmp_path / "killed.log"), "kill", *run, "--output_dir", str(broken)],
         env=offline_env(), capture_output=True, text=True, timeout=300,
     )
     assert killed.returncode == 137, killed.stderr[-2000:]
-    assert [p.name for p in train.list_checkpoints(broken)] == ["step_6"]
+    assert [p.name for p in train.list_checkpoints(broken)] == [f"step_{kill_at}"]
     assert not (broken / "model.safetensors").exists()  # it really died before the end
 
     log_batches(monkeypatch, tmp_path / "resumed.log")
-    assert train.main(TINY + run + ["--output_dir", str(broken), "--checkpointing_steps", "6",
-                                    "--resume_from_checkpoint", "latest"]) == 0
-    assert "at step 6" in capsys.readouterr().out  # lost nothing: it goes on from the last checkpoint
+    capsys.readouterr()
+    assert train.main(run + ["--output_dir", str(broken), "--resume_from_checkpoint", "latest"]) == 0
+    assert f"at step {kill_at}" in capsys.readouterr().out  # lost nothing: it goes on from the last checkpoint
 
     assert_same_weights(straight, broken)
-    order = read_batches(tmp_path / "straight.log")
-    assert read_batches(tmp_path / "killed.log")[:6] == order[:6]
-    assert read_batches(tmp_path / "resumed.log")[:4] == order[6:10]
-    assert order[:4] != order[4:8], "the epochs should be shuffled differently"
     straight_metrics = json.loads((straight / "metrics.json").read_text())
     resumed_metrics = json.loads((broken / "metrics.json").read_text())
     assert resumed_metrics["val_history"] == straight_metrics["val_history"]
     assert resumed_metrics["val_miou"] == straight_metrics["val_miou"]
+    return straight, broken
+
+
+def test_resume_after_kill_is_bit_identical_with_the_same_data_order(tmp_path, monkeypatch, capsys):
+    # 10 steps of 4 per epoch; the kill comes after the checkpoint at step 6, in the middle of the second epoch,
+    # so the resumed run must replay that epoch's order and skip its first 2 batches. Validation at steps 3 and 9
+    # runs in between, as in real runs.
+    run = ["--max_train_steps", "10", "--eval_steps", "3"]
+    straight, broken = kill_and_resume(tmp_path, monkeypatch, capsys, run, kill_at=6)
+
+    order = read_batches(tmp_path / "straight.log")
+    assert read_batches(tmp_path / "killed.log")[:6] == order[:6]
+    assert read_batches(tmp_path / "resumed.log")[:4] == order[6:10]
+    assert order[:4] != order[4:8], "the epochs should be shuffled differently"
 
     # Another config is refused with one line naming the flag; a longer run is allowed, with a warning.
     with pytest.raises(SystemExit) as error:
@@ -189,6 +197,13 @@ def test_resume_after_kill_is_bit_identical_with_the_same_data_order(tmp_path, m
                               "--output_dir", str(broken), "--resume_from_checkpoint", "latest"]) == 0
     assert "warning: resuming with max_train_steps: checkpoint 10, now 12" in capsys.readouterr().out
     assert json.loads((broken / "metrics.json").read_text())["train_steps"] == 12
+
+
+def test_resume_with_gradient_accumulation_is_bit_identical(tmp_path, monkeypatch, capsys):
+    # 4 batches per epoch in updates of 3: each epoch ends with a 1-batch update (accelerate syncs at the end of
+    # the loader), so there are 2 updates per epoch and the kill at step 3 falls after the first 3 batches of epoch 2.
+    kill_and_resume(tmp_path, monkeypatch, capsys, ["--max_train_steps", "5", "--gradient_accumulation_steps", "3",
+                                                    "--eval_steps", "2"], kill_at=3)
 
 
 def test_checkpoints_total_limit_keeps_the_newest_complete_ones(tmp_path):
