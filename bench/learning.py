@@ -204,6 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--mae", choices=("recipe", "on", "off", "both"), default="recipe",
                    help="recipe: as the synthetic recipe sets --mae_pretrain_steps; both: rows with and without.")
     p.add_argument("--mae_steps", type=int, default=600, help="MAE steps for --mae on/both if the recipe has none.")
+    p.add_argument("--mae_variants", default=None,
+                   help="Comma list: the variants that get MAE rows (default: all of --variants).")
     p.add_argument("--max_train_steps", type=int, default=None, help="Override the recipe's (shorter runs).")
     p.add_argument("--output_dir", default="/tmp/apc-learning")
     p.add_argument("--reuse", action="store_true", help="Reuse finished runs found in --output_dir.")
@@ -221,8 +223,11 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     rows, cache, start = [], {}, time.time()
+    mae_variants = [v.strip() for v in args.mae_variants.split(",")] if args.mae_variants else variants
     for mae in mae_settings:
         for variant in variants:
+            if mae and variant not in mae_variants:
+                continue
             runs = []
             for seed in seeds:
                 run = run_one(variant, mae, seed, args)
@@ -253,7 +258,8 @@ def main(argv=None) -> int:
         + (f" and `--max_train_steps {args.max_train_steps}`" if args.max_train_steps else "") + ".",
         f"Recipe: `{json.dumps(recipe)}`.", "",
         f"Seeds: {', '.join(map(str, seeds))} (the seed also draws the synthetic dataset). "
-        f"Variants run: {', '.join(variants)}; MAE rows: {', '.join('yes' if m else 'no' for m in mae_settings)}."
+        f"Variants run: {', '.join(variants)}; MAE rows: "
+        + ("none" if True not in mae_settings else ", ".join(mae_variants)) + "."
         + (f" Not run in this table: {', '.join(not_run)}." if not_run else ""), "",
         "mIoU in %, mean +- std over seeds. 'final - best val' is the final val mIoU minus the best seen at the "
         "validation steps. Test is scored for the default variant (adaptive_k+pcl) only.", "",
