@@ -470,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Model, optimiser, schedule
     model = build_model(args, class_names)
+    if model.config.pseudo_label_max_classes is None and "pseudo_label_max_classes" not in args.config_overrides:
+        # Pseudo-labels and PAR then run on the present classes only (exact; ~3x cheaper on VOC's 21 labels).
+        model.config.pseudo_label_max_classes = 1 + max(map(len, train_set["class_labels"]), default=0)
     if args.crop_size % model.config.patch_size:
         raise SystemExit(f"apc-train: error: --crop_size {args.crop_size} is not a multiple of the patch size "
                          f"{model.config.patch_size}")
