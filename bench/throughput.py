@@ -160,16 +160,17 @@ def main(argv=None) -> int:
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
     print(f"# {hardware}, torch {torch.__version__}, batch {args.batch_size}, crop {args.crop_size}, "
           f"{'tiny ViT' if args.small else 'ViT-B/16'}, {args.steps} timed steps after {args.warmup} warm-up")
-    rows = [measure(args, fast=False), measure(args, fast=True)]
-    if args.compile:
-        rows.append(measure(args, fast=True, compile_model=True))
-    reference = rows[0]["images_per_s"]
-    print(f"| step | images/s | step ms | peak GiB | TFLOP/step | MFU | x reference | loss |")
-    print(f"|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    variants = [dict(fast=False), dict(fast=True)] + ([dict(fast=True, compile_model=True)] if args.compile else [])
+    rows = []
+    for variant in variants:  # each row is printed as soon as it is measured, so a time limit keeps the rest
+        rows.append(measure(args, **variant))
+        r, reference = rows[-1], rows[0]["images_per_s"]
+        if len(rows) == 1:
+            print("| step | images/s | step ms | peak GiB | TFLOP/step | MFU | x reference | loss |")
+            print("|---|---|---|---|---|---|---|---|")
         print(f"| {r['name']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | {r['peak_mem_gib']:.2f} | "
               f"{r['tflop_per_step']:.3f} | {100 * r['mfu']:.1f}% | {r['images_per_s'] / reference:.2f} | "
-              f"{r['loss']:.4f} |")
+              f"{r['loss']:.4f} |", flush=True)
     best = max(rows[1:], key=lambda r: r["images_per_s"])
     voc_minutes = VOC_STEPS * VOC_BATCH / best["images_per_s"] / 60
     coco_minutes = COCO_STEPS * VOC_BATCH / best["images_per_s"] / 60
