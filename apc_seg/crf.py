@@ -73,7 +73,9 @@ def dense_crf(
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
     crf.addPairwiseBilateral(
-        sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image_np), compat=bilateral_compat
+        # pydensecrf needs a writable C-contiguous buffer; np.asarray(pil_image) is read-only.
+        sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.require(image_np, requirements=["C", "W"]),
+        compat=bilateral_compat,
     )
     refined = np.asarray(crf.inference(iterations), dtype=np.float32).reshape(num_classes, height, width)
     if is_tensor:

@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pseudo_eval_max_images", type=_positive_int,
                    help="Judge the pseudo-labels on the first N train images at the end.")
     g.add_argument("--logging_steps", type=_positive_int)
-    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none.")
+    g.add_argument("--report_to", default="tensorboard",
+                   choices=("tensorboard", "wandb", "comet_ml", "mlflow", "clearml", "dvclive", "aim", "all", "none"),
+                   help="Experiment tracker (through Accelerate), or none.")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", help="Defaults to the output folder's name under your user.")
     return p

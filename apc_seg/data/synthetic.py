@@ -17,7 +17,8 @@ Design (why it is built this way: a ViT trained from scratch on image labels lea
 - Half of the images get 1-2 tiny distractor patches (where they fit on the background) with a class texture; they
   are not labelled and are background in the mask (they are far smaller than any object), so "any trace of the
   texture" is not the label.
-- Deterministic: image ``i`` of a split depends only on ``(seed, split, i)``; the same seed gives identical bytes.
+- Deterministic: image ``i`` of a split depends only on ``(seed, split, i)`` and the split's size (the class subsets
+  are balanced over the whole split); the same seed and sizes give identical bytes.
 """
 
 from __future__ import annotations
