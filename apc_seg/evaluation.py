@@ -17,19 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cli import OneLineParser, prediction_flags
 from .data.transforms import EvalTransform, class_labels_to_multi_hot
 from .metrics import StreamingConfusionMatrix, format_iou_table
-
-
-def parse_scales(text: str) -> tuple[float, ...]:
-    """`"1.0,1.25,1.5"` -> `(1.0, 1.25, 1.5)`; raises `ValueError` with the offending text."""
-    try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise ValueError(f"--scales {text!r} is not a comma-separated list of numbers, e.g. 1.0,1.25,1.5") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise ValueError(f"--scales {text!r} must list one or more positive numbers, e.g. 1.0,1.25,1.5")
-    return scales
 
 
 def _resize_to_patch_multiple(pixel_values: torch.Tensor, scale: float, patch: int) -> torch.Tensor:
@@ -185,13 +175,8 @@ def load_split(dataset: str, data_dir: str | None, split: str, skip_bad_images: 
     raise ValueError(f"--dataset {dataset!r} is invalid: expected voc, coco or synthetic")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, non-zero exit, naming the flag (argparse's message does)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="apc-eval", description="Evaluate an APC model (mIoU, standard protocol).")
+    parser = OneLineParser(prog="apc-eval", description="Evaluate an APC model (mIoU, standard protocol).")
     parser.add_argument("--model", required=True, help="A trained APC folder or Hub id.")
     parser.add_argument("--dataset", choices=("voc", "coco", "synthetic"), default="voc")
     parser.add_argument("--data_dir", help="VOCdevkit / COCO root (not needed for synthetic).")
@@ -225,17 +210,7 @@ def launched_without_gpus() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        scales = parse_scales(args.scales)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.crf:
-        from .crf import _import_densecrf
-
-        try:
-            _import_densecrf()
-        except ImportError as error:
-            parser.error(f"--crf: {error}")
+    scales = prediction_flags(parser, args)
     if args.data_dir and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir {args.data_dir} does not exist")
     from accelerate import Accelerator

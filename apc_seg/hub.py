@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli import OneLineParser
 from .model_card import make_model_card
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -151,15 +152,8 @@ def push_to_hub(
     )
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports errors in one line (``apc-push: error: ...``) and exits with status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="apc-push",
         allow_abbrev=False,  # a typo such as --privat must fail, not silently match --private
         description="Upload a trained APC model folder (weights, config, processor, model card, metrics) to the "

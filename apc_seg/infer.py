@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .cli import OneLineParser, prediction_flags
 from .data.transforms import VIT_MEAN, VIT_STD, EvalTransform
-from .evaluation import parse_scales, predict_probabilities, refine_with_crf
+from .evaluation import predict_probabilities, refine_with_crf
 from .labels import VOC_PALETTE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -110,13 +111,8 @@ def overlay(image: Image.Image, labels: np.ndarray, alpha: float = 0.5) -> Image
     return Image.fromarray(blended.round().astype(np.uint8))
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, non-zero exit, naming the flag
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="apc-infer", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="apc-infer", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="Image files and/or folders of images.")
     parser.add_argument("--model", required=True, help="A trained APC folder (apc-train's output) or Hub id.")
     parser.add_argument("--output_dir", required=True, help="Where NAME.png and NAME_overlay.png are written.")
@@ -130,17 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        scales = parse_scales(args.scales)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.crf:
-        from .crf import _import_densecrf
-
-        try:
-            _import_densecrf()
-        except ImportError as error:
-            parser.error(f"--crf: {error}")
+    scales = prediction_flags(parser, args)
     try:
         images = collect_images(args.inputs)
         names = output_names(images)

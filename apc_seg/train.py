@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .cli import OneLineParser
+
 RECIPES: dict[str, dict[str, Any]] = {
     # ToCo/APC VOC setting: train_aug, 448 crops, global batch 8, 20k steps, 1.5k warm-up, bf16 on GPU.
     "voc": dict(
@@ -71,13 +73,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="apc-train", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="apc-train", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="synthetic",
                    help="Sets every default below (see docs/training.md); any flag overrides it.")

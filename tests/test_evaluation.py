@@ -17,7 +17,8 @@ from PIL import Image
 
 from apc_seg import APCForSemanticSegmentation
 from apc_seg.data.transforms import EvalTransform
-from apc_seg.evaluation import evaluate, main, parse_scales, predict_probabilities
+from apc_seg.cli import parse_scales
+from apc_seg.evaluation import evaluate, main, predict_probabilities
 from apc_seg.metrics import confusion_matrix, miou_from_confusion
 
 from conftest import tiny_config

@@ -1,0 +1,46 @@
+"""What the console scripts (apc-train, apc-eval, apc-infer, apc-push, apc-pretrain) share."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the flag (``apc-eval: error: ...``), with exit status 2.
+
+    Abbreviated flags are refused, so a typo such as ``--privat`` fails instead of silently matching ``--private``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """`"1.0,1.25,1.5"` -> `(1.0, 1.25, 1.5)`; raises `ValueError` naming the flag and the offending text."""
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--scales {text!r} is not a comma-separated list of numbers, e.g. 1.0,1.25,1.5") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"--scales {text!r} must list one or more positive numbers, e.g. 1.0,1.25,1.5")
+    return scales
+
+
+def prediction_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[float, ...]:
+    """Check `--scales` and `--crf` of apc-eval / apc-infer before any work; returns the scales."""
+    try:
+        scales = parse_scales(args.scales)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.crf:
+        from .crf import _import_densecrf
+
+        try:
+            _import_densecrf()
+        except ImportError as error:
+            parser.error(f"--crf: {error}")
+    return scales
