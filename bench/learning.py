@@ -129,7 +129,7 @@ def per_seed(values: list[float]) -> str:
 
 def make_table(rows: list[dict], seeds: list[int], cache: dict) -> str:
     lines = ["| variant | MAE | pseudo mIoU train | pseudo mIoU val | decoder mIoU val | decoder mIoU val per seed "
-             "| final - best val | decoder mIoU test | test per seed | train s/run |",
+             "| final - best val | decoder mIoU test | test per seed | train s/run (APC loop, excl. MAE) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         runs = row["runs"]
@@ -252,8 +252,10 @@ def main(argv=None) -> int:
     body = "\n".join([
         SECTION, "",
         f"Produced by `python bench/learning.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
-        f"({time.strftime('%Y-%m-%d')}, {cpu}, torch {torch.__version__}; the whole benchmark took "
-        f"{(time.time() - start) / 60:.1f} min). Every run is `apc-train --recipe synthetic` with the variant's "
+        f"({time.strftime('%Y-%m-%d')}, {cpu}, torch {torch.__version__}; this invocation took "
+        f"{(time.time() - start) / 60:.1f} min"
+        + (", reusing the finished runs in --output_dir; each run's own time is in the table" if args.reuse else "")
+        + "). Every run is `apc-train --recipe synthetic` with the variant's "
         "config change only"
         + (f" and `--max_train_steps {args.max_train_steps}`" if args.max_train_steps else "") + ".",
         f"Recipe: `{json.dumps(recipe)}`.", "",
