@@ -30,8 +30,8 @@ COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
 COCO_CLASSES: tuple[str, ...] = ("background",) + tuple(name for _, name in COCO_CATEGORIES)
 COCO_CATEGORY_TO_LABEL: dict[int, int] = {cat_id: i + 1 for i, (cat_id, _) in enumerate(COCO_CATEGORIES)}
 
-# Classes of the built-in synthetic dataset (apc_seg.data.synthetic): a class is a texture family; shape and colour
-# are drawn independently of the class, so only local texture tells classes apart.
+# Classes of the built-in synthetic dataset (apc_seg.data.synthetic): a class is a texture family with a typical
+# hue; shape is drawn independently of the class, so only local appearance tells classes apart.
 SYNTHETIC_CLASSES: tuple[str, ...] = ("background", "stripes", "dots", "checker")
 
 IGNORE_INDEX = 255

@@ -5,10 +5,13 @@
     $ python -m apc_seg.data.synthetic --write_voc data/synthetic_voc --seed 0     # the same data as a VOC folder
 
 Design (why it is built this way: a ViT trained from scratch on image labels learns any global shortcut it is given):
-- A class is a texture family: ``stripes``, ``dots`` (a lattice of discs) or ``checker``. Period, angle and the
-  two colours vary per object, and the object's shape (ellipse, rectangle, triangle, wavy blob) is drawn
-  independently of the class, so neither shape nor any global colour statistic gives the class away; only local
-  texture does.
+- A class is a texture family with a typical hue, as real classes have a typical appearance: ``stripes`` (reds),
+  ``dots`` (a lattice of discs; greens) or ``checker`` (blues). Period, angle, the exact hue, saturation and
+  brightness of the two colours vary per object, and the object's shape (ellipse, rectangle, triangle, wavy blob) is
+  drawn independently of the class. The background's smooth colour fields span every hue, so colour alone neither
+  finds nor delimits an object; colour and texture together do, and both are local evidence. (With colours drawn
+  alike for every class, a tiny ViT from scratch did not learn the image labels at all within the recipe's budget:
+  docs/benchmarks.md.)
 - Backgrounds are textured too (smooth colour fields with a low-contrast, long-period marble grain and pixel noise).
 - Each image holds 0..3 objects. The set of classes present is drawn so that all 8 subsets of the 3 classes
   (empty included) are equally frequent, i.e. each class is present with probability 1/2 independently of the
@@ -24,6 +27,7 @@ Design (why it is built this way: a ViT trained from scratch on image labels lea
 from __future__ import annotations
 
 import argparse
+import colorsys
 import io
 import os
 from pathlib import Path
@@ -73,18 +77,21 @@ def _checker(yy, xx, rng, scale):
 TEXTURES = {1: _stripes, 2: _dots, 3: _checker}  # class id -> texture family
 
 
-def _two_colours(rng) -> tuple[np.ndarray, np.ndarray]:
-    """Two random colours far enough apart that the texture is visible; drawn the same way for every class."""
-    while True:
-        a, b = rng.uniform(0, 255, size=(2, 3))
-        if np.linalg.norm(a - b) > 100:
-            return a.astype(np.float32), b.astype(np.float32)
+CLASS_HUES = {1: 0.0, 2: 1 / 3, 3: 2 / 3}  # class id -> centre of its hue band (HSV hue in [0, 1))
+
+
+def _class_colours(cls: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A light and a dark colour around class ``cls``'s hue, so the texture is visible (value 0.75-1 vs 0.15-0.45)."""
+    hue = (CLASS_HUES[cls] + rng.uniform(-0.07, 0.07)) % 1.0
+    light = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))
+    dark = colorsys.hsv_to_rgb((hue + rng.uniform(-0.04, 0.04)) % 1.0, rng.uniform(0.4, 1.0), rng.uniform(0.15, 0.45))
+    return np.array(light, np.float32) * 255, np.array(dark, np.float32) * 255
 
 
 def _textured(cls, yy, xx, rng, scale) -> np.ndarray:
-    """H x W x 3 float image of class ``cls``'s texture with random colours and a soft shading gradient."""
+    """H x W x 3 float image of class ``cls``'s texture in its colours, with a soft shading gradient."""
     pattern = TEXTURES[cls](yy, xx, rng, scale)[..., None]
-    a, b = _two_colours(rng)
+    a, b = _class_colours(cls, rng)
     gu, _ = _rotated(yy, xx, rng)
     shading = 1.0 + rng.uniform(0.0, 0.25) * (gu / max(gu.max() - gu.min(), 1.0))[..., None]
     return (a + (b - a) * pattern) * shading
