@@ -32,9 +32,15 @@ from typing import Any, Sequence
 
 import torch
 
-# The synthetic recipe's tiny ViT (the same as apc-train's), with a 2-layer MAE decoder half its width.
-SYNTHETIC_BACKBONE = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, intermediate_size=192,
-                          patch_size=8, image_size=96)
+from .cli import OneLineParser
+
+def _synthetic_backbone() -> dict[str, Any]:
+    """The synthetic recipe's tiny ViT: the one apc-train trains on, defined once in its RECIPES."""
+    from .train import RECIPES
+
+    return dict(RECIPES["synthetic"]["backbone"])
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -46,8 +52,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="apc-pretrain", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="apc-pretrain", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data (unlabeled: only the images are read)")
     g.add_argument("--dataset", choices=("voc", "coco", "synthetic", "imagefolder"), default="synthetic")
     g.add_argument("--data_dir", help="VOCdevkit, COCO root, or any folder of images (searched recursively).")
@@ -116,7 +122,7 @@ def load_images(args):
         from .data.synthetic import make_synthetic
 
         # Same generator call as apc-train's synthetic recipe, so "the training images" are the same images.
-        size = args.image_size or SYNTHETIC_BACKBONE["image_size"]
+        size = args.image_size or _synthetic_backbone()["image_size"]
         data = make_synthetic(num_train=args.num_train_images, num_val=0, num_test=0, image_size=size, seed=args.seed)
         return data["train"].select_columns(["image", "image_id"])
     if args.dataset == "voc":
@@ -193,7 +199,7 @@ def build_mae(args):
     if path is None:
         from .train import parse_backbone_overrides
 
-        vit = ViTConfig(**parse_backbone_overrides(SYNTHETIC_BACKBONE, args.backbone_overrides)).to_dict()
+        vit = ViTConfig(**parse_backbone_overrides(_synthetic_backbone(), args.backbone_overrides)).to_dict()
         return ViTMAEForPreTraining(mae_config(vit))
     source = AutoConfig.from_pretrained(path)
     if source.model_type == "vit_mae":
@@ -218,7 +224,7 @@ def build_mae(args):
     return model
 
 
-def vit_from_mae(mae) -> "ViTModel":
+def vit_from_mae(mae):
     """The MAE encoder as a plain `ViTModel` (no pooler): same parameter names without the `vit.` prefix.
 
     ViTMAE's encoder differs from ViT's only in masking (dropped tokens, no mask token) and in its position
