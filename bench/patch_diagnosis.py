@@ -1,0 +1,57 @@
+"""Where does a trained APC model put each class? Image-level AUC and patch-level confusion on synthetic val.
+
+    python bench/patch_diagnosis.py apc-synthetic            # a folder written by apc-train --recipe synthetic
+
+Prints, per class, the mean pooled image score of images with and without it and the AUC of that score, then for
+the patches of each true class (mask downsampled to the patch grid by nearest) how often the patch classifier's
+argmax picks each class. A class that is recognised (high AUC) but whose own patches go to background while
+background patches go to it is "swapped with the background".
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from apc_seg import APCForSemanticSegmentation
+from apc_seg.data.synthetic import make_synthetic
+from apc_seg.data.transforms import EvalTransform, class_labels_to_multi_hot
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic dataset the model trained on.")
+    parser.add_argument("--num_val_images", type=int, default=256)
+    args = parser.parse_args()
+
+    model = APCForSemanticSegmentation.from_pretrained(args.model).eval()
+    num_labels, patch = model.config.num_labels, model.config.patch_size
+    val = make_synthetic(num_train=0, num_val=args.num_val_images, num_test=0,
+                         image_size=model.config.backbone_config.image_size, seed=args.seed)["val"]
+    transform = EvalTransform()
+    pixel_values = torch.stack([transform.apply(ex["image"])["pixel_values"] for ex in val])
+    masks = torch.stack([torch.as_tensor(np.array(ex["mask"])) for ex in val]).long()
+    labels = torch.stack([class_labels_to_multi_hot(ex["class_labels"], num_labels) for ex in val])
+    with torch.no_grad():
+        out = model(pixel_values)
+    for c in range(1, num_labels):
+        pos, neg = out.image_scores[labels[:, c] == 1, c], out.image_scores[labels[:, c] == 0, c]
+        auc = (pos[:, None] > neg[None, :]).float().mean().item()
+        print(f"{model.config.id2label[c]:>12}: image score with {pos.mean():.2f}, without {neg.mean():.2f}, "
+              f"AUC {auc:.3f}")
+    grid = out.patch_logits.shape[-2:]
+    patch_truth = F.interpolate(masks[:, None].float(), size=grid, mode="nearest")[:, 0].long()
+    predicted = out.patch_logits.argmax(1)
+    names = [model.config.id2label[i] for i in range(num_labels)]
+    print("patches of true class -> predicted class counts", names)
+    for c in range(num_labels):
+        counts = torch.bincount(predicted[patch_truth == c], minlength=num_labels).tolist()
+        print(f"{names[c]:>12}: {counts}")
+
+
+if __name__ == "__main__":
+    main()
