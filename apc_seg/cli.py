@@ -19,6 +19,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the message names the flag through argparse)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
 def parse_scales(text: str) -> tuple[float, ...]:
     """`"1.0,1.25,1.5"` -> `(1.0, 1.25, 1.5)`; raises `ValueError` naming the flag and the offending text."""
     try:

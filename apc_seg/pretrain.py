@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .cli import OneLineParser
+from .cli import OneLineParser, positive_int
 
 def _synthetic_backbone() -> dict[str, Any]:
     """The synthetic recipe's tiny ViT: the one apc-train trains on, defined once in its RECIPES."""
@@ -44,13 +44,6 @@ def _synthetic_backbone() -> dict[str, Any]:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="apc-pretrain", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -59,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", help="VOCdevkit, COCO root, or any folder of images (searched recursively).")
     g.add_argument("--train_split", default=None,
                    help="voc: train_aug if present, else train; coco: train; synthetic: train.")
-    g.add_argument("--num_train_images", type=_positive_int, default=1024,
+    g.add_argument("--num_train_images", type=positive_int, default=1024,
                    help="Synthetic only: images generated (the same as apc-train's train split for the seed).")
-    g.add_argument("--image_size", type=_positive_int, default=None,
+    g.add_argument("--image_size", type=positive_int, default=None,
                    help="Training crop (a multiple of the patch size). Default: the backbone's image_size.")
     g.add_argument("--num_workers", type=int, default=0)
     g.add_argument("--skip_bad_images", action="store_true")
@@ -73,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask_ratio", type=float, default=0.75, help="Fraction of patches hidden from the encoder.")
     g.add_argument("--norm_pix_loss", action="store_true",
                    help="Reconstruct per-patch normalised pixels (MAE paper's better-features option).")
-    g.add_argument("--decoder_hidden_size", type=_positive_int, default=None, help="Default: half the encoder.")
-    g.add_argument("--decoder_num_hidden_layers", type=_positive_int, default=2)
-    g.add_argument("--decoder_num_attention_heads", type=_positive_int, default=None,
+    g.add_argument("--decoder_hidden_size", type=positive_int, default=None, help="Default: half the encoder.")
+    g.add_argument("--decoder_num_hidden_layers", type=positive_int, default=2)
+    g.add_argument("--decoder_num_attention_heads", type=positive_int, default=None,
                    help="Default: the encoder's head count.")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max_train_steps", type=_positive_int, default=1000)
-    g.add_argument("--per_device_train_batch_size", type=_positive_int, default=32)
+    g.add_argument("--max_train_steps", type=positive_int, default=1000)
+    g.add_argument("--per_device_train_batch_size", type=positive_int, default=32)
     g.add_argument("--learning_rate", type=float, default=1.5e-3)
     g.add_argument("--weight_decay", type=float, default=0.05)
     g.add_argument("--warmup_steps", type=int, default=100, help="Linear warm-up, then cosine decay to 0.")
@@ -88,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Falls back to 'no' on a CPU.")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--output_dir", default="vit-mae")
-    g.add_argument("--checkpointing_steps", type=_positive_int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=_positive_int, default=2)
+    g.add_argument("--checkpointing_steps", type=positive_int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=2)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoints/step_N folder.")
-    g.add_argument("--logging_steps", type=_positive_int, default=50)
+    g.add_argument("--logging_steps", type=positive_int, default=50)
     g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none.")
     g.add_argument("--quiet", action="store_true", help="No progress bar (e.g. when apc-train runs it).")
     return p

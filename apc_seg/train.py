@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .cli import OneLineParser
+from .cli import OneLineParser, positive_int
 
 RECIPES: dict[str, dict[str, Any]] = {
     # ToCo/APC VOC setting: train_aug, 448 crops, global batch 8, 20k steps, 1.5k warm-up, bf16 on GPU.
@@ -68,13 +68,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 _RECIPE_KEYS = sorted({key for recipe in RECIPES.values() for key in recipe} - {"backbone"})
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="apc-train", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -85,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", help="VOCdevkit (VOC) or COCO root; not needed for synthetic.")
     g.add_argument("--train_split", help="VOC: train_aug when SBD masks are present, else train.")
     g.add_argument("--val_split", help="Validation split (masks needed).")
-    g.add_argument("--num_train_images", type=_positive_int, help="Synthetic only: images generated for train.")
-    g.add_argument("--num_val_images", type=_positive_int, help="Synthetic only: images generated for val.")
-    g.add_argument("--crop_size", type=_positive_int, help="Training crop (a multiple of the patch size).")
+    g.add_argument("--num_train_images", type=positive_int, help="Synthetic only: images generated for train.")
+    g.add_argument("--num_val_images", type=positive_int, help="Synthetic only: images generated for val.")
+    g.add_argument("--crop_size", type=positive_int, help="Training crop (a multiple of the patch size).")
     g.add_argument("--num_workers", type=int, help="DataLoader workers per process.")
     g.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images with a warning.")
     g = p.add_argument_group("model")
@@ -103,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(apc-pretrain) for this many steps on the training images, unlabeled, into "
                         "OUTPUT/mae_backbone, then train APC on it. 0 disables. Recipe default.")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max_train_steps", type=_positive_int,
+    g.add_argument("--max_train_steps", type=positive_int,
                    help="Optimizer updates in all. May be raised when resuming, to extend a run (see "
                         "--resume_from_checkpoint).")
-    g.add_argument("--per_device_train_batch_size", type=_positive_int)
-    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    g.add_argument("--per_device_train_batch_size", type=positive_int)
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     g.add_argument("--learning_rate", type=float, help="Learning rate of the new layers.")
     g.add_argument("--backbone_lr_ratio", type=float, help="Backbone lr = learning_rate x this (paper: 0.1).")
     g.add_argument("--weight_decay", type=float)
@@ -120,18 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the model.")
     g = p.add_argument_group("checkpoints, evaluation, logging")
     g.add_argument("--output_dir")
-    g.add_argument("--checkpointing_steps", type=_positive_int)
-    g.add_argument("--checkpoints_total_limit", type=_positive_int, default=2)
+    g.add_argument("--checkpointing_steps", type=positive_int)
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=2)
     g.add_argument("--resume_from_checkpoint",
                    help="'latest' or a checkpoint folder. Restores model, optimiser, schedule, RNGs and data position, "
                         "so the result is bit-identical to an uninterrupted run. The other flags must match the "
                         "checkpoint's, except --max_train_steps: raising it extends the run (the poly decay then "
                         "stretches to the new end, so it is no longer identical to a straight run of either length).")
-    g.add_argument("--eval_steps", type=_positive_int, help="Validate every N steps (and at the end).")
-    g.add_argument("--eval_max_images", type=_positive_int, help="Validate on the first N images only.")
-    g.add_argument("--pseudo_eval_max_images", type=_positive_int,
+    g.add_argument("--eval_steps", type=positive_int, help="Validate every N steps (and at the end).")
+    g.add_argument("--eval_max_images", type=positive_int, help="Validate on the first N images only.")
+    g.add_argument("--pseudo_eval_max_images", type=positive_int,
                    help="Judge the pseudo-labels on the first N train images at the end.")
-    g.add_argument("--logging_steps", type=_positive_int)
+    g.add_argument("--logging_steps", type=positive_int)
     g.add_argument("--report_to", default="tensorboard",
                    choices=("tensorboard", "wandb", "comet_ml", "mlflow", "clearml", "dvclive", "aim", "all", "none"),
                    help="Experiment tracker (through Accelerate), or none.")

@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = APCForSemanticSegmentation.from_pretrained(args.model).eval()
-    num_labels, patch = model.config.num_labels, model.config.patch_size
+    num_labels = model.config.num_labels
     val = make_synthetic(num_train=0, num_val=args.num_val_images, num_test=0,
                          image_size=model.config.backbone_config.image_size, seed=args.seed)["val"]
     transform = EvalTransform()
