@@ -33,6 +33,15 @@ def config():
     return tiny_config()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """oneDNN's LSTM is 100x slower with 2 threads on a busy 2-core machine; the tiny models need only one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

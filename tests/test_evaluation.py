@@ -26,13 +26,7 @@ from conftest import tiny_config
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """oneDNN's LSTM is 100x slower with 2 threads on a busy 2-core machine; the tiny model needs only one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def example(height: int, width: int, seed: int, labels=(1, 2)) -> dict:

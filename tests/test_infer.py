@@ -19,17 +19,11 @@ from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-REAL_PHOTOS = Path("/work/shared/realdata/voc/JPEGImages")
+REAL_PHOTOS = ROOT.parent / "shared" / "realdata" / "voc" / "JPEGImages"
 CLASSES = {0: "background", 1: "stripes", 2: "dots", 3: "checker"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """oneDNN's LSTM is 100x slower with 2 threads on a busy 2-core machine; the tiny model needs only one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +115,7 @@ def test_bad_input_is_one_line_naming_the_argument(inputs, extra, flag, model_di
     assert error.value.code != 0 and flag in err and "\n" not in err
 
 
-@pytest.mark.skipif(not REAL_PHOTOS.is_dir(), reason="no real VOC photos in /work/shared/realdata")
+@pytest.mark.skipif(not REAL_PHOTOS.is_dir(), reason=f"no real VOC photos at {REAL_PHOTOS}")
 def test_console_script_on_a_real_photo(model_dir, tmp_path):
     photo = sorted(REAL_PHOTOS.glob("*.jpg"))[0]  # read in place
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

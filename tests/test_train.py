@@ -38,14 +38,7 @@ def offline_env(**extra) -> dict:
     return env
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more, and on a busy 2-core machine oneDNN's LSTM
-    with 2 threads is 100x slower than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
