@@ -405,13 +405,37 @@ class APCForSemanticSegmentation(APCPreTrainedModel):
         return self.make_pseudo_labels(patch_logits.float().softmax(dim=1), class_labels.float(), pixel_values)
 
 
+def bilinear_upsampling_matrix(in_size: int, out_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """`(out_size, in_size)` matrix `M` with `M @ x` equal to `F.interpolate(mode="bilinear",
+    align_corners=False)` along one axis (PyTorch's source-index rule: `(i + 0.5) * in / out - 0.5`, clamped at 0)."""
+    source = torch.arange(out_size, device=device, dtype=torch.float64)
+    source = ((source + 0.5) * (in_size / out_size) - 0.5).clamp_min(0)
+    low = source.floor().long().clamp_max(in_size - 1)
+    high = (low + 1).clamp_max(in_size - 1)
+    frac = source - low
+    matrix = torch.zeros(out_size, in_size, device=device, dtype=torch.float64)
+    rows = torch.arange(out_size, device=device)
+    matrix.index_put_((rows, low), 1.0 - frac, accumulate=True)
+    matrix.index_put_((rows, high), frac, accumulate=True)
+    return matrix.to(dtype)
+
+
 def decoder_loss(logits: torch.Tensor, pseudo_labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of `(B, C, h, w)` decoder logits, upsampled to the `(B, H, W)` labels, ignoring 255.
 
     A sum over labelled pixels divided by their count (at least 1), so an all-ignored batch gives exactly 0, where
     `F.cross_entropy(reduction="mean")` would give NaN.
+
+    The bilinear upsampling is written as two small fp32 matmuls (`M_h @ logits @ M_w^T`, the same values as
+    `F.interpolate`): the backward of `upsample_bilinear2d` scatters with atomic adds into the few low-resolution
+    cells and was 6 ms of a 45-60 ms ViT-B step on an H200 (docs/benchmarks.md); the matmuls' backward is a dense
+    matmul.
     """
-    upsampled = F.interpolate(logits.float(), size=pseudo_labels.shape[-2:], mode="bilinear", align_corners=False)
+    height, width = pseudo_labels.shape[-2:]
+    rows = bilinear_upsampling_matrix(logits.shape[-2], height, logits.device)
+    cols = bilinear_upsampling_matrix(logits.shape[-1], width, logits.device)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        upsampled = rows @ logits.float() @ cols.T  # B, C, H, W in fp32
     per_pixel = F.cross_entropy(upsampled, pseudo_labels, ignore_index=IGNORE_INDEX, reduction="none")
     return per_pixel.sum() / (pseudo_labels != IGNORE_INDEX).sum().clamp_min(1)
 

@@ -59,7 +59,7 @@ def measure(args, fast: bool, compile_model: bool = False) -> dict:
     fused = fast and device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None,
                                   foreach=None if fused else False)
-    step_model = torch.compile(model) if compile_model else model
+    step_model = torch.compile(model, mode=args.compile_mode) if compile_model else model
     batch, size = args.batch_size, args.crop_size
     pixel_values = torch.randn(batch, 3, size, size, device=device)
     # VOC-like image labels: background plus 1-3 foreground classes per image.
@@ -109,7 +109,7 @@ def measure(args, fast: bool, compile_model: bool = False) -> dict:
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     peak = args.peak_tflops * 1e12 if args.peak_tflops else default_peak(device)
     return {
-        "name": ("fast" + (" + compile" if compile_model else "")) if fast else "reference",
+        "name": ("fast" + (f" + compile ({args.compile_mode})" if compile_model else "")) if fast else "reference",
         "images_per_s": batch / step_time,
         "step_ms": 1000 * step_time,
         "peak_mem_gib": peak_mem,
@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="Also measure the fast path under torch.compile.")
+    parser.add_argument("--compile_mode", default="default",
+                        help="torch.compile mode of the compiled row, e.g. reduce-overhead (CUDA graphs).")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="Device peak (dense bf16) TFLOP/s for MFU; default from the device name "
                              "(H100/H200 989, A100 312).")

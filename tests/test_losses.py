@@ -151,3 +151,39 @@ def test_pseudo_labels_refuse_an_image_with_more_classes_than_max_classes():
     labels = torch.ones(1, 6)
     with pytest.raises(RuntimeError):
         make_pseudo_labels(torch.rand(1, 6, 4, 4).softmax(1), labels, torch.randn(1, 3, 32, 32), max_classes=3)
+
+
+def test_par_equals_the_offset_by_offset_definition():
+    # ToCo's PAR written one neighbour offset at a time; par_refine batches a dilation's 8 offsets per kernel.
+    from apc_seg.pseudo_labels import _neighbour_offsets
+
+    torch.manual_seed(0)
+    image, probs = torch.randn(2, 3, 20, 24), torch.rand(2, 3, 20, 24).softmax(dim=1)
+    dilations, iterations, w1, w2 = (1, 2, 4), 4, 0.3, 0.01
+    offsets = _neighbour_offsets(dilations)
+    pad = max(dilations)
+    padded_image = torch.nn.functional.pad(image, [pad] * 4, mode="replicate")
+    neighbours = torch.stack([padded_image[..., pad + dy: pad + dy + 20, pad + dx: pad + dx + 24]
+                              for dy, dx, _ in offsets], dim=2)
+    colour = -(((neighbours - image.unsqueeze(2)).abs() / (neighbours.std(dim=2, keepdim=True) + 1e-8) / w1) ** 2)
+    distance = torch.tensor([o[2] for o in offsets])
+    position = -((distance / (distance.std() + 1e-8) / w1) ** 2)
+    affinity = colour.mean(dim=1, keepdim=True).softmax(dim=2) + w2 * position.softmax(dim=0).view(1, 1, -1, 1, 1)
+    expected = probs
+    for _ in range(iterations):
+        padded = torch.nn.functional.pad(expected, [pad] * 4, mode="replicate")
+        expected = sum(padded[..., pad + dy: pad + dy + 20, pad + dx: pad + dx + 24] * affinity[:, :, k]
+                       for k, (dy, dx, _) in enumerate(offsets))
+    expected = expected / expected.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(par_refine(image, probs, dilations, iterations, w1, w2), expected)
+
+
+@pytest.mark.parametrize("in_size,out_size", [(12, 96), (28, 448), (7, 50), (5, 5), (9, 4)])
+def test_upsampling_matrix_equals_bilinear_interpolation(in_size, out_size):
+    from apc_seg.modeling_apc import bilinear_upsampling_matrix
+
+    x = torch.randn(2, 3, in_size, in_size + 3, dtype=torch.float64)
+    expected = torch.nn.functional.interpolate(x, size=(out_size, out_size + 1), mode="bilinear", align_corners=False)
+    rows = bilinear_upsampling_matrix(in_size, out_size, dtype=torch.float64)
+    cols = bilinear_upsampling_matrix(in_size + 3, out_size + 1, dtype=torch.float64)
+    torch.testing.assert_close(rows @ x @ cols.T, expected)
