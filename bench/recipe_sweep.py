@@ -1,0 +1,81 @@
+"""Recipe variants of the synthetic benchmark: `apc-train --recipe synthetic` plus a few flags, per seed.
+
+    python bench/recipe_sweep.py --seeds 0,2 --jobs 2 --output_dir /tmp/sweep            # every variant below
+    python bench/recipe_sweep.py --variants recipe,seg_weight_1 --seeds 0,1,2
+
+Prints a markdown table of the final val decoder mIoU per seed, the per-class val IoU and the val mIoU at each
+validation step. Runs already finished in --output_dir (folders `<variant>-s<seed>`) are reused, so the table can be
+rebuilt without training again. This is where the recipe's choices were tried (docs/benchmarks.md, "Learning: what
+bounds the synthetic benchmark"); bench/learning.py measures the chosen recipe and the pooling/PCL ablation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from apc_seg.train import RECIPES  # noqa: E402
+
+RECIPE_OVERRIDES = RECIPES["synthetic"]["config_overrides"]
+
+# name -> extra apc-train flags (config changes are appended to the recipe's --config_overrides)
+VARIANTS: dict[str, list[str]] = {
+    "recipe": [],
+    "train_images_8192": ["--num_train_images", "8192"],
+    "mae_1500_backbone_lr_0.1": ["--mae_pretrain_steps", "1500", "--backbone_lr_ratio", "0.1"],
+    "seg_weight_1": ["--config_overrides", f"{RECIPE_OVERRIDES},seg_loss_weight=1.0"],
+    "seg_weight_1_steps_3000": ["--config_overrides", f"{RECIPE_OVERRIDES},seg_loss_weight=1.0",
+                                "--max_train_steps", "3000"],
+    "grad_clip_1": ["--max_grad_norm", "1.0"],
+    "no_par": ["--config_overrides", f"{RECIPE_OVERRIDES},pseudo_label_refine=none"],
+}
+
+
+def run(name: str, seed: int, args) -> dict:
+    out = Path(args.output_dir) / f"{name}-s{seed}"
+    if not (out / "metrics.json").is_file():
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
+        cmd = [sys.executable, "-m", "apc_seg.train", "--recipe", "synthetic", "--seed", str(seed),
+               "--output_dir", str(out), "--report_to", "none", *VARIANTS[name]]
+        subprocess.run(cmd, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma list of {list(VARIANTS)}.")
+    p.add_argument("--seeds", default="0,2")
+    p.add_argument("--jobs", type=int, default=1, help="Runs at once (each with cores/jobs torch threads).")
+    p.add_argument("--output_dir", default="/tmp/apc-recipe-sweep")
+    args = p.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    todo = [(name, seed) for name in names for seed in seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = dict(zip(todo, pool.map(lambda job: run(*job, args), todo)))
+    print("| variant | extra apc-train flags | seed | val mIoU | val IoU bg / stripes / dots / checker | "
+          "val mIoU at each validation | s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, seed in todo:
+        m = results[(name, seed)]
+        flags = " ".join(VARIANTS[name]).replace(RECIPE_OVERRIDES + ",", "...,") or "-"
+        per_class = " / ".join(f"{100 * v:.0f}" for v in m["val_per_class_iou"].values())
+        history = " ".join(f"{100 * h['val_miou']:.0f}" for h in m["val_history"])
+        print(f"| {name} | `{flags}` | {seed} | {100 * m['val_miou']:.1f} | {per_class} | {history} | "
+              f"{m['train_seconds']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
