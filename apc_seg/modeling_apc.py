@@ -408,16 +408,18 @@ class APCForSemanticSegmentation(APCPreTrainedModel):
 def bilinear_upsampling_matrix(in_size: int, out_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """`(out_size, in_size)` matrix `M` with `M @ x` equal to `F.interpolate(mode="bilinear",
     align_corners=False)` along one axis (PyTorch's source-index rule: `(i + 0.5) * in / out - 0.5`, clamped at 0)."""
-    source = torch.arange(out_size, device=device, dtype=torch.float64)
+    # Built on the device in `dtype` (no host copy, which would sync the step; no float64, which MPS lacks); PyTorch's
+    # kernel also computes the weights in the input's precision.
+    source = torch.arange(out_size, device=device, dtype=dtype)
     source = ((source + 0.5) * (in_size / out_size) - 0.5).clamp_min(0)
     low = source.floor().long().clamp_max(in_size - 1)
     high = (low + 1).clamp_max(in_size - 1)
     frac = source - low
-    matrix = torch.zeros(out_size, in_size, device=device, dtype=torch.float64)
+    matrix = torch.zeros(out_size, in_size, device=device, dtype=dtype)
     rows = torch.arange(out_size, device=device)
     matrix.index_put_((rows, low), 1.0 - frac, accumulate=True)
     matrix.index_put_((rows, high), frac, accumulate=True)
-    return matrix.to(dtype)
+    return matrix
 
 
 def decoder_loss(logits: torch.Tensor, pseudo_labels: torch.Tensor) -> torch.Tensor:

@@ -187,3 +187,13 @@ def test_upsampling_matrix_equals_bilinear_interpolation(in_size, out_size):
     rows = bilinear_upsampling_matrix(in_size, out_size, dtype=torch.float64)
     cols = bilinear_upsampling_matrix(in_size + 3, out_size + 1, dtype=torch.float64)
     torch.testing.assert_close(rows @ x @ cols.T, expected)
+
+
+def test_upsampling_matrix_in_float32_matches_float32_interpolation():
+    from apc_seg.modeling_apc import bilinear_upsampling_matrix
+
+    x = torch.randn(2, 4, 28, 28)
+    expected = torch.nn.functional.interpolate(x, size=(448, 448), mode="bilinear", align_corners=False)
+    matrix = bilinear_upsampling_matrix(28, 448)
+    assert matrix.dtype == torch.float32
+    torch.testing.assert_close(matrix @ x @ matrix.T, expected)
