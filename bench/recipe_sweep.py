@@ -36,6 +36,7 @@ VARIANTS: dict[str, list[str]] = {
                                 "--max_train_steps", "3000"],
     "grad_clip_1": ["--max_grad_norm", "1.0"],
     "no_par": ["--config_overrides", f"{RECIPE_OVERRIDES},pseudo_label_refine=none"],
+    "backbone_width_192": ["--backbone_overrides", "hidden_size=192,intermediate_size=384,num_attention_heads=6"],
 }
 
 
