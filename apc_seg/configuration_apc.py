@@ -10,6 +10,7 @@ from .labels import VOC_CLASSES
 
 POOLING_CHOICES = ("adaptive_k", "topk", "max")
 PATCH_MIXER_CHOICES = ("hv_bilstm", "none")
+BACKBONE_STEM_CHOICES = ("patch", "conv")
 PSEUDO_LABEL_REFINE_CHOICES = ("par", "none")
 
 
@@ -24,6 +25,12 @@ class APCConfig(PretrainedConfig):
     Args:
         backbone_config (`dict` or [`ViTConfig`], *optional*):
             Configuration of the ViT backbone. Defaults to ViT-B/16 (hidden 768, 12 layers, 12 heads, image 224).
+        backbone_stem (`str`, *optional*, defaults to `"patch"`):
+            How the backbone turns pixels into patch tokens. `"patch"`: ViT's own linear patch embedding (what every
+            pretrained ViT has). `"conv"`: a convolutional stem in its place (log2(patch_size) 3x3 stride-2
+            conv + BatchNorm + ReLU stages and a 1x1 projection; Xiao et al., NeurIPS 2021), for backbones trained
+            from scratch: it gives the patch tokens local texture features from the first step (the synthetic
+            recipe uses it; docs/method.md). The patch size must be a power of two.
         patch_mixer (`str`, *optional*, defaults to `"hv_bilstm"`):
             `"hv_bilstm"`: ViT-PCM's mixer, one BiLSTM along the rows and one along the columns of the patch grid,
             each with `hidden_size // 4` units per direction, concatenated back to `hidden_size`. `"none"`: identity.
@@ -71,6 +78,7 @@ class APCConfig(PretrainedConfig):
     def __init__(
         self,
         backbone_config: dict | ViTConfig | None = None,
+        backbone_stem: str = "patch",
         patch_mixer: str = "hv_bilstm",
         mixer_dropout: float = 0.2,
         classifier_dropout: float = 0.2,
@@ -105,6 +113,7 @@ class APCConfig(PretrainedConfig):
         elif isinstance(backbone_config, dict):
             backbone_config = ViTConfig(**{k: v for k, v in backbone_config.items() if k != "model_type"})
         self.backbone_config = backbone_config
+        self.backbone_stem = backbone_stem
         self.patch_mixer = patch_mixer
         self.mixer_dropout = mixer_dropout
         self.classifier_dropout = classifier_dropout
@@ -155,6 +164,14 @@ class APCConfig(PretrainedConfig):
 
         if self.pooling not in POOLING_CHOICES:
             fail("pooling", f"one of {POOLING_CHOICES}")
+        if self.backbone_stem not in BACKBONE_STEM_CHOICES:
+            fail("backbone_stem", f"one of {BACKBONE_STEM_CHOICES}")
+        patch = self.patch_size
+        if self.backbone_stem == "conv" and (patch < 2 or patch & (patch - 1)):
+            raise ValueError(
+                f"APCConfig.backbone_stem='conv' is invalid for patch_size={patch}: the stem reaches the patch grid "
+                "with stride-2 convolutions, so the patch size must be a power of two >= 2 (e.g. 8 or 16)."
+            )
         if self.patch_mixer not in PATCH_MIXER_CHOICES:
             fail("patch_mixer", f"one of {PATCH_MIXER_CHOICES}")
         if self.pseudo_label_refine not in PSEUDO_LABEL_REFINE_CHOICES:

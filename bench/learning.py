@@ -1,7 +1,7 @@
 """The synthetic WSSS benchmark: does APC learn segmentation from image labels, and what does each part add?
 
     python bench/learning.py                                   # the full grid: 3 poolings x PCL off/on x 3 seeds
-    python bench/learning.py --variants adaptive_k+pcl,max+pcl --seeds 0,1,2 --mae both
+    python bench/learning.py --backbones recipe,patch,mae --backbone_variants adaptive_k+pcl --jobs 2
     python bench/learning.py --variants adaptive_k+pcl --seeds 0 --max_train_steps 300 --no_doc   # a smoke run
 
 Each run is `apc-train --recipe synthetic` (a tiny ViT from scratch, CPU) with only the variant's config changed, so
@@ -9,6 +9,9 @@ the table measures the recipe a user gets. Reported per variant, mean +- std ove
 - pseudo-label mIoU on train (the online pseudo-labels the decoder learns from, judged against the true masks) and on
   val (the same rule on the val images, so it can be compared with the decoder on the same images);
 - decoder mIoU on val, and on the test split for the default variant (test is never used to choose anything);
+- for the default variant, the decoder with the standard protocol (scales 1.0/1.25/1.5 + flip + dense CRF, as
+  `apc-eval --scales 1.0,1.25,1.5 --flip --crf`; needs `apc-seg[crf]`) on val and test: the pseudo-labels are
+  refined at pixel level (PAR) and the plain decoder is not, so this is the like-for-like comparison;
 - two floors measured here on the same images: all-background, and "label fill" (every pixel gets the labelled
   foreground class with the largest mean pixel share in train images that carry it; background if unlabelled).
 The markdown table goes to docs/benchmarks.md under "## Learning (synthetic WSSS benchmark)" (the rest of the file is
@@ -33,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Learning (synthetic WSSS benchmark)"
 DEFAULT_VARIANT = "adaptive_k+pcl"
+STANDARD_PROTOCOL = dict(scales=(1.0, 1.25, 1.5), flip=True, crf=True)
 ALL_VARIANTS = ["max", "max+pcl", "topk", "topk+pcl", "adaptive_k", "adaptive_k+pcl"]
 
 
@@ -43,17 +47,30 @@ def variant_overrides(name: str) -> str:
     return f"pooling={pooling}" + ("" if pcl else ",pcl_loss_weight=0.0")
 
 
-def run_one(variant: str, mae: bool, seed: int, args) -> dict:
+# Backbone settings, each a set of rows: the recipe's from-scratch ViT (its convolutional stem), the same ViT with
+# ViT's linear patch embedding, and that one MAE-pretrained first (a stem-less ViT is what apc-pretrain writes).
+BACKBONES = {"recipe": "recipe (conv stem)", "patch": "linear patch embedding", "mae": "linear patch emb. + MAE"}
+
+
+def backbone_flags(backbone: str, args) -> list[str]:
+    if backbone == "recipe":
+        return []
+    if backbone == "patch":
+        return ["--backbone_stem", "patch", "--mae_pretrain_steps", "0"]
+    return ["--mae_pretrain_steps", str(args.mae_steps)]
+
+
+def run_one(variant: str, backbone: str, seed: int, args) -> dict:
     from apc_seg.train import RECIPES
 
     recipe = RECIPES["synthetic"]
-    out = Path(args.output_dir) / f"{variant}{'-mae' if mae else ''}-seed{seed}"
+    out = Path(args.output_dir) / f"{variant}{'' if backbone == 'recipe' else '-' + backbone}-seed{seed}"
     metrics_file = out / "metrics.json"
     if not (args.reuse and metrics_file.is_file()):
         overrides = ",".join(filter(None, [recipe["config_overrides"], variant_overrides(variant)]))
         cmd = [sys.executable, "-m", "apc_seg.train", "--recipe", "synthetic", "--seed", str(seed),
                "--output_dir", str(out), "--report_to", "none", "--config_overrides", overrides,
-               "--mae_pretrain_steps", str(recipe.get("mae_pretrain_steps") or args.mae_steps if mae else 0)]
+               *backbone_flags(backbone, args)]
         if args.max_train_steps:
             cmd += ["--max_train_steps", str(args.max_train_steps)]
         start = time.time()
@@ -115,6 +132,8 @@ def judge(run: dict, seed: int, with_test: bool, cache: dict) -> dict:
         test = evaluate(model, data["test"])
         result["test_miou"] = test["miou"]
         result["test_per_class_iou"] = test["per_class_iou"]
+        result["val_standard_miou"] = evaluate(model, data["val"], **STANDARD_PROTOCOL)["miou"]
+        result["test_standard_miou"] = evaluate(model, data["test"], **STANDARD_PROTOCOL)["miou"]
     return result
 
 
@@ -131,18 +150,22 @@ def per_seed(values: list[float]) -> str:
 
 
 def make_table(rows: list[dict], seeds: list[int], cache: dict) -> str:
-    lines = ["| variant | MAE | pseudo mIoU train | pseudo mIoU val | decoder mIoU val | decoder mIoU val per seed "
-             "| final - best val | decoder mIoU test | test per seed | train s/run (APC loop, excl. MAE) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | backbone | pseudo mIoU train | pseudo mIoU val | decoder mIoU val | decoder mIoU val per seed "
+             "| final - best val | decoder mIoU test | test per seed | decoder val, standard protocol "
+             "| decoder test, standard protocol | train s/run (APC loop, excl. MAE) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         runs = row["runs"]
         test = [r["test_miou"] for r in runs if "test_miou" in r]
+        standard = {split: [r[f"{split}_standard_miou"] for r in runs if f"{split}_standard_miou" in r]
+                    for split in ("val", "test")}
         gap = [r["val_miou"] - r["best_val_miou"] for r in runs]
         lines.append(
-            f"| {row['variant']} | {'yes' if row['mae'] else 'no'} | "
+            f"| {row['variant']} | {BACKBONES[row['backbone']]} | "
             f"{mean_std([r['train_pseudo_miou'] for r in runs])} | {mean_std([r['val_pseudo_miou'] for r in runs])} | "
             f"{mean_std([r['val_miou'] for r in runs])} | {per_seed([r['val_miou'] for r in runs])} | "
             f"{mean_std(gap)} | {mean_std(test)} | {per_seed(test) if test else '-'} | "
+            f"{mean_std(standard['val'])} | {mean_std(standard['test'])} | "
             f"{statistics.fmean(r['train_seconds'] for r in runs):.0f} |")
     floor_lines = ["", "Floors on the same images (mIoU, mean +- std over the seeds' datasets):", "",
                    "| floor | val | test |", "|---|---|---|"]
@@ -161,7 +184,7 @@ def per_class_lines(rows: list[dict]) -> list[str]:
             if "test_per_class_iou" in run:
                 ious = ", ".join(f"{name} {100 * (v or 0):.1f}"
                                  for name, v in zip(SYNTHETIC_CLASSES, run["test_per_class_iou"]))
-                out.append(f"- {row['variant']}{' + MAE' if row['mae'] else ''}, seed {seed}: test IoU {ious}")
+                out.append(f"- {row['variant']}, {BACKBONES[row['backbone']]}, seed {seed}: test IoU {ious}")
     return out
 
 
@@ -176,7 +199,7 @@ def plot(rows: list[dict], path: Path) -> None:
         histories = [r["val_history"] for r in row["runs"]]
         steps = [h["step"] for h in histories[0]]
         values = np.array([[h["val_miou"] for h in hist][: len(steps)] for hist in histories]) * 100
-        label = f"{row['variant']}{' + MAE' if row['mae'] else ''} (n={len(histories)})"
+        label = f"{row['variant']}, {BACKBONES[row['backbone']]} (n={len(histories)})"
         ax.plot(steps, values.mean(0), marker="o", label=label)
         if len(histories) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
@@ -204,11 +227,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"Comma list of {ALL_VARIANTS}.")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--mae", choices=("recipe", "on", "off", "both"), default="recipe",
-                   help="recipe: as the synthetic recipe sets --mae_pretrain_steps; both: rows with and without.")
-    p.add_argument("--mae_steps", type=int, default=600, help="MAE steps for --mae on/both if the recipe has none.")
-    p.add_argument("--mae_variants", default=None,
-                   help="Comma list: the variants that get MAE rows (default: all of --variants).")
+    p.add_argument("--backbones", default="recipe",
+                   help=f"Comma list of backbone settings, each a set of rows: {BACKBONES}.")
+    p.add_argument("--backbone_variants", default=None,
+                   help="Comma list: the variants that get the non-recipe backbone rows (default: all of --variants).")
+    p.add_argument("--mae_steps", type=int, default=1500, help="MAE steps of the 'mae' backbone rows.")
     p.add_argument("--max_train_steps", type=int, default=None, help="Override the recipe's (shorter runs).")
     p.add_argument("--output_dir", default="/tmp/apc-learning")
     p.add_argument("--reuse", action="store_true", help="Reuse finished runs found in --output_dir.")
@@ -223,38 +246,38 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from apc_seg.train import RECIPES
-
-    recipe_mae = bool(RECIPES["synthetic"].get("mae_pretrain_steps"))
-    mae_settings = {"recipe": [recipe_mae], "on": [True], "off": [False], "both": [False, True]}[args.mae]
+    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    if set(backbones) - set(BACKBONES):
+        p.error(f"--backbones: unknown {sorted(set(backbones) - set(BACKBONES))}; expected some of {list(BACKBONES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     rows, cache, start = [], {}, time.time()
-    mae_variants = [v.strip() for v in args.mae_variants.split(",")] if args.mae_variants else variants
+    backbone_variants = ([v.strip() for v in args.backbone_variants.split(",")] if args.backbone_variants
+                         else variants)
+    todo_rows = [(v, b) for b in backbones for v in variants if b == "recipe" or v in backbone_variants]
     reused = args.reuse
     if args.jobs > 1:  # train everything first, N at a time; the loop below then finds the finished runs
         from concurrent.futures import ThreadPoolExecutor
 
-        todo = [(v, mae, seed) for mae in mae_settings for v in variants if not mae or v in mae_variants for seed in seeds]
+        todo = [(v, b, seed) for v, b in todo_rows for seed in seeds]
         with ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(run_one, v, mae, seed, args) for v, mae, seed in todo]:
+            for future in [pool.submit(run_one, v, b, seed, args) for v, b, seed in todo]:
                 future.result()
         args.reuse = True
-    for mae in mae_settings:
-        for variant in variants:
-            if mae and variant not in mae_variants:
-                continue
-            runs = []
-            for seed in seeds:
-                run = run_one(variant, mae, seed, args)
-                with_test = variant == DEFAULT_VARIANT
-                run |= judge(run, seed, with_test, cache)
-                runs.append(run)
-                print(f"{variant}{' + MAE' if mae else ''} seed {seed}: val {100 * run['val_miou']:.1f}, "
-                      f"train pseudo {100 * run['train_pseudo_miou']:.1f}, val pseudo {100 * run['val_pseudo_miou']:.1f}"
-                      + (f", test {100 * run['test_miou']:.1f}" if with_test else "")
-                      + f", {run['train_seconds']:.0f} s", flush=True)
-            rows.append({"variant": variant, "mae": mae, "runs": runs, "seeds": seeds})
+    for variant, backbone in todo_rows:
+        runs = []
+        for seed in seeds:
+            run = run_one(variant, backbone, seed, args)
+            with_test = variant == DEFAULT_VARIANT
+            run |= judge(run, seed, with_test, cache)
+            runs.append(run)
+            print(f"{variant}, {BACKBONES[backbone]}, seed {seed}: val {100 * run['val_miou']:.1f}, "
+                  f"train pseudo {100 * run['train_pseudo_miou']:.1f}, val pseudo {100 * run['val_pseudo_miou']:.1f}"
+                  + (f", test {100 * run['test_miou']:.1f} (standard protocol: val "
+                     f"{100 * run['val_standard_miou']:.1f}, test {100 * run['test_standard_miou']:.1f})"
+                     if with_test else "")
+                  + f", {run['train_seconds']:.0f} s", flush=True)
+        rows.append({"variant": variant, "backbone": backbone, "runs": runs, "seeds": seeds})
     table = make_table(rows, seeds, cache)
     print(table)
     if args.no_doc:
@@ -277,11 +300,12 @@ def main(argv=None) -> int:
         + (f" and `--max_train_steps {args.max_train_steps}`" if args.max_train_steps else "") + ".",
         f"Recipe: `{json.dumps(recipe)}`.", "",
         f"Seeds: {', '.join(map(str, seeds))} (the seed also draws the synthetic dataset). "
-        f"Variants run: {', '.join(variants)}; MAE rows: "
-        + ("none" if True not in mae_settings else ", ".join(mae_variants)) + "."
+        f"Variants run: {', '.join(variants)}; rows with other backbones ({', '.join(BACKBONES[b] for b in backbones if b != 'recipe') or 'none'}): "
+        + (", ".join(backbone_variants) if backbones != ["recipe"] else "none") + "."
         + (f" Not run in this table: {', '.join(not_run)}." if not_run else ""), "",
         "mIoU in %, mean +- std over seeds. 'final - best val' is the final val mIoU minus the best seen at the "
-        "validation steps. Test is scored for the default variant (adaptive_k+pcl) only.", "",
+        "validation steps. Test, and the standard protocol (scales 1.0/1.25/1.5 + flip + dense CRF), are scored for "
+        "the default variant (adaptive_k+pcl) only.", "",
         table, "",
         "Per-class test IoU of the default variant:", "",
         *per_class_lines(rows), "",

@@ -112,6 +112,35 @@ def test_from_pretrained_backbone_loads_every_vit_weight(tmp_path):
         assert torch.equal(model.vit.state_dict()[name], tensor), name
 
 
+def test_conv_stem_replaces_the_patch_embedding_trains_and_round_trips(tmp_path):
+    from apc_seg.modeling_apc import APCConvStem
+
+    torch.manual_seed(0)
+    model = APCForSemanticSegmentation(tiny_config(backbone_stem="conv"))
+    stem = model.vit.embeddings.patch_embeddings.projection
+    assert isinstance(stem, APCConvStem)
+    strides = [m.stride for m in stem.layers if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [(2, 2)] * 3  # patch 8 = three stride-2 stages
+    out = model(torch.randn(4, 3, 40, 56), class_labels=torch.tensor([[1.0, 1, 0]] * 4))
+    assert out.logits.shape == (4, 3, 5, 7) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert stem.layers[0].weight.grad.abs().sum() > 0 and stem.projection.weight.grad.abs().sum() > 0
+    assert stem.layers[1].num_batches_tracked == 1  # BatchNorm statistics are updated in training mode
+
+    model.eval().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["backbone_stem"] == "conv"
+    x = torch.randn(2, 3, 32, 48)
+    loaded = APCForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.vit.embeddings.patch_embeddings.projection, APCConvStem)
+    assert torch.equal(loaded(x).logits, model(x).logits)  # running statistics travel with the weights
+
+
+def test_from_pretrained_backbone_refuses_a_conv_stem(tmp_path):
+    ViTModel(ViTConfig(**TINY_BACKBONE), add_pooling_layer=False).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="backbone_stem='patch'"):
+        APCForSemanticSegmentation.from_pretrained_backbone(str(tmp_path), config=tiny_config(backbone_stem="conv"))
+
+
 def test_from_pretrained_backbone_takes_the_checkpoints_vit_config(tmp_path):
     backbone = dict(TINY_BACKBONE, hidden_size=48, num_attention_heads=4)
     ViTModel(ViTConfig(**backbone), add_pooling_layer=False).save_pretrained(tmp_path)

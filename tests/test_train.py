@@ -3,6 +3,7 @@ processes, the Hub push path and one-line CLI errors."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def test_quick_start_leaves_a_loadable_model_with_metrics_events_and_card(tmp_pa
     assert (out / "best" / "model.safetensors").is_file()
 
     model = APCForSemanticSegmentation.from_pretrained(out)
+    assert model.config.backbone_stem == "conv"  # the synthetic recipe's from-scratch backbone
     auto = transformers.AutoModelForSemanticSegmentation.from_pretrained(out)
     assert type(auto) is APCForSemanticSegmentation and model.config.num_labels == 4
     segmenter = transformers.pipeline("image-segmentation", model=str(out))
@@ -308,6 +310,9 @@ def _error_line(capsys) -> str:
         (["--config_overrides", "akp_ratio=high"], "--config_overrides"),
         (["--config_overrides", "no_such_field=1"], "--config_overrides"),
         (["--backbone_overrides", "hidden_size=30"], "--backbone_overrides"),
+        (["--backbone_stem", "conv", "--mae_pretrain_steps", "5"], "--backbone_stem"),
+        (["--backbone_stem", "resnet"], "--backbone_stem"),
+        (["--config_overrides", "backbone_stem=conv"], "--config_overrides"),
         (["--max_train_steps", "0"], "--max_train_steps"),
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "--resume_from_checkpoint"),
     ],
@@ -356,7 +361,7 @@ def test_help_documents_the_recipes_and_the_interface_flags():
                  "--gradient_accumulation_steps", "--learning_rate", "--crop_size", "--seed", "--mixed_precision",
                  "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint", "--eval_steps",
                  "--num_workers", "--report_to", "--push_to_hub", "--hub_model_id", "--skip_bad_images",
-                 "--backbone_overrides"):
+                 "--backbone_overrides", "--backbone_stem"):
         assert flag in text, flag
 
 
@@ -388,3 +393,27 @@ def test_documented_commands_use_existing_flags():
                 assert flag in parsers[tool]._option_string_actions, f"{flag} is not an option of {tool}: {line}"
                 checked[tool] += 1
     assert all(checked.values()), checked
+
+
+def test_recipe_table_in_the_docs_states_the_recipes_values():
+    """docs/training.md's recipe table against `RECIPES`: a row naming one recipe flag must start each recipe's cell
+    with that recipe's value (the table went stale once when the synthetic recipe changed)."""
+    lines = (ROOT / "docs" / "training.md").read_text().split("## Recipes")[1].split("\n## ")[0].splitlines()
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+    recipes = [name.strip("`") for name in rows[0][1:]]
+    assert recipes == ["voc", "coco", "synthetic"]
+    checked = 0
+    for cells in rows[2:]:
+        flags = [flag for flag in re.findall(r"`--(\w+)`", cells[0]) if flag in train.RECIPES["voc"]]
+        if len(flags) != 1:
+            continue
+        for name, cell in zip(recipes, cells[1:]):
+            value, first = train.RECIPES[name][flags[0]], (cell.replace("`", " ").split() or [""])[0]
+            if value is None or value == "":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                assert first == str(value), (flags[0], name, cell)
+            else:
+                assert float(first.replace(",", "")) == value, (flags[0], name, cell)
+            checked += 1
+    assert checked >= 30, checked
