@@ -11,6 +11,7 @@ optimiser, schedule, resume, steps (with checkpoints and validation), then the s
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -413,18 +414,29 @@ def run_fingerprint(model, args, num_processes: int) -> dict[str, Any]:
 
 def check_resumable(checkpoint: Path, fingerprint: dict) -> list[str]:
     """Exits with one line naming what differs from the checkpoint's run; returns warnings for allowed changes."""
+    from .configuration_apc import APCConfig
+
     saved = json.loads((checkpoint / "apc_run.json").read_text())["fingerprint"]
+    # A checkpoint made before an APCConfig field existed behaved as that field's default does.
+    field_defaults = {name: parameter.default for name, parameter in
+                      inspect.signature(APCConfig.__init__).parameters.items()
+                      if parameter.default is not inspect.Parameter.empty}
     warnings = []
     for part, what in (("config", "model config"), ("args", "run")):
         then, now = saved[part], fingerprint[part]
         for key in sorted(set(then) | set(now)):
             if then.get(key) == now.get(key):
                 continue
+            if part == "config" and key not in then and key in field_defaults and now[key] == field_defaults[key]:
+                continue
             change = f"{key}: checkpoint {then.get(key)!r}, now {now.get(key)!r}"
             if part == "args" and key in _RESUME_MAY_CHANGE:
                 warnings.append(f"{change}; the result will differ from an uninterrupted run")
                 continue
-            flag = f"--{key}" if part == "args" else "--config_overrides/--backbone_overrides"
+            if part == "args" or key == "backbone_stem":
+                flag = f"--{key}"
+            else:
+                flag = "--config_overrides/--backbone_overrides"
             raise SystemExit(f"apc-train: error: --resume_from_checkpoint {checkpoint} was made with a different "
                              f"{what} ({change}); resume with the checkpoint's {flag}, or start a new --output_dir.")
     return warnings

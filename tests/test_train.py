@@ -187,11 +187,26 @@ def test_resume_after_kill_is_bit_identical_with_the_same_data_order(tmp_path, m
         train.main(TINY + run + ["--output_dir", str(broken), "--resume_from_checkpoint", "latest",
                                  "--learning_rate", "0.01"])
     assert "--learning_rate" in str(error.value)
+    with pytest.raises(SystemExit) as error:
+        train.main(TINY + run + ["--output_dir", str(broken), "--resume_from_checkpoint", "latest",
+                                 "--backbone_stem", "patch"])
+    assert "backbone_stem: checkpoint 'conv', now 'patch'" in str(error.value)
+    assert "resume with the checkpoint's --backbone_stem" in str(error.value)
     capsys.readouterr()
     assert train.main(TINY + ["--max_train_steps", "12", "--eval_steps", "100", "--report_to", "none",
                               "--output_dir", str(broken), "--resume_from_checkpoint", "latest"]) == 0
     assert "warning: resuming with max_train_steps: checkpoint 10, now 12" in capsys.readouterr().out
     assert json.loads((broken / "metrics.json").read_text())["train_steps"] == 12
+
+
+def test_checkpoints_from_before_a_config_field_existed_resume_at_its_default(tmp_path):
+    # apc_run.json of a checkpoint written before `backbone_stem` existed: it had ViT's patch embedding.
+    fingerprint = {"config": {"pooling": "adaptive_k", "backbone_stem": "patch"}, "args": {"seed": 0}}
+    old = {"config": {"pooling": "adaptive_k"}, "args": {"seed": 0}}
+    (tmp_path / "apc_run.json").write_text(json.dumps({"fingerprint": old}))
+    assert train.check_resumable(tmp_path, fingerprint) == []
+    with pytest.raises(SystemExit, match="backbone_stem: checkpoint None, now 'conv'.*--backbone_stem"):
+        train.check_resumable(tmp_path, {**fingerprint, "config": {"pooling": "adaptive_k", "backbone_stem": "conv"}})
 
 
 def test_resume_with_gradient_accumulation_is_bit_identical(tmp_path, monkeypatch, capsys):
