@@ -288,6 +288,7 @@ def main(argv=None) -> int:
     recipe = {k: v for k, v in R["synthetic"].items() if k not in ("output_dir",)}
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
     not_run = [v for v in ALL_VARIANTS if v not in variants]
+    other_backbones = ", ".join(BACKBONES[b] for b in backbones if b != "recipe")
     body = "\n".join([
         SECTION, "",
         f"Produced by `python bench/learning.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
@@ -300,8 +301,8 @@ def main(argv=None) -> int:
         + (f" and `--max_train_steps {args.max_train_steps}`" if args.max_train_steps else "") + ".",
         f"Recipe: `{json.dumps(recipe)}`.", "",
         f"Seeds: {', '.join(map(str, seeds))} (the seed also draws the synthetic dataset). "
-        f"Variants run: {', '.join(variants)}; rows with other backbones ({', '.join(BACKBONES[b] for b in backbones if b != 'recipe') or 'none'}): "
-        + (", ".join(backbone_variants) if backbones != ["recipe"] else "none") + "."
+        f"Variants run: {', '.join(variants)}; rows with other backbones ({other_backbones or 'none'}): "
+        + (", ".join(backbone_variants) if other_backbones else "none") + "."
         + (f" Not run in this table: {', '.join(not_run)}." if not_run else ""), "",
         "mIoU in %, mean +- std over seeds. 'final - best val' is the final val mIoU minus the best seen at the "
         "validation steps. Test, and the standard protocol (scales 1.0/1.25/1.5 + flip + dense CRF), are scored for "
