@@ -391,13 +391,13 @@ def _documented_commands():
 
 
 def test_documented_commands_use_existing_flags():
-    from apc_seg import evaluation, hub, infer
+    from apc_seg import evaluation, hub, infer, pretrain
 
     parsers = {"train": train.build_parser(), "eval": evaluation.build_parser(), "infer": infer.build_parser(),
-               "push": hub.build_parser()}
+               "push": hub.build_parser(), "pretrain": pretrain.build_parser()}
     tools = {"apc-train": "train", "apc_seg.train": "train", '"${TRAIN[@]}"': "train",
              "apc-eval": "eval", "apc_seg.evaluation": "eval", '"${EVAL[@]}"': "eval",
-             "apc-infer": "infer", "apc-push": "push"}
+             "apc-infer": "infer", "apc-push": "push", "apc-pretrain": "pretrain"}
     checked = {name: 0 for name in parsers}
     for line in _documented_commands():
         tool = None  # flags before a tool belong to accelerate launch
