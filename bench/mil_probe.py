@@ -4,6 +4,7 @@
     python bench/mil_probe.py 1e-3 400 sup=1                    # same model, per-patch labels from the true masks
     python bench/mil_probe.py 1e-3 600 bb=OUT_OF_APC_PRETRAIN r=0.0    # MAE backbone, frozen
     python bench/mil_probe.py 1e-3 500 pooling=max              # any APCConfig field; ps=, sr=lo;hi also
+    python bench/mil_probe.py 1e-3 600 backbone_stem=patch      # ViT's linear patch embedding instead of the stem
 
 A bare loop (no decoder loss, no schedule beyond a 50-step linear warm-up, one thread is enough) so the question
 "does the classifier learn at all" is answered in a minute. Every 50 steps it prints the mean training loss, and
@@ -28,6 +29,7 @@ from apc_seg.data.synthetic import make_synthetic
 from apc_seg.data.transforms import TrainTransform, collate_fn
 from apc_seg.labels import SYNTHETIC_CLASSES
 from apc_seg.modeling_apc import APCForSemanticSegmentation
+from apc_seg.train import RECIPES
 
 
 def parse_value(value: str):
@@ -50,8 +52,10 @@ def main() -> None:
     supervised = int(options.pop("sup", 0))
     backbone = options.pop("bb", None)
     ratio = float(options.pop("r", "1.0"))
-    config = APCConfig(backbone_config=dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3,
-                                            intermediate_size=192, patch_size=patch, image_size=96),
+    recipe = RECIPES["synthetic"]
+    # A ViT folder (bb=) keeps its own linear patch embedding; a backbone from scratch gets the recipe's stem.
+    options.setdefault("backbone_stem", "patch" if backbone else recipe["backbone_stem"])
+    config = APCConfig(backbone_config=dict(recipe["backbone"], patch_size=patch),
                        id2label=dict(enumerate(SYNTHETIC_CLASSES)), decoder_hidden_size=64, decoder_dilation=2,
                        pcl_max_patches=64, **options)
     model = (APCForSemanticSegmentation.from_pretrained_backbone(backbone, config=config) if backbone

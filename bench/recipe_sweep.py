@@ -41,6 +41,8 @@ VARIANTS: dict[str, list[str]] = {
     "pcl_margin_0.3": ["--config_overrides", f"{RECIPE_OVERRIDES},pcl_margin=0.3"],
     "akp_max_k_4": ["--config_overrides", f"{RECIPE_OVERRIDES},akp_max_k=4"],
     "akp_ratio_0.9": ["--config_overrides", f"{RECIPE_OVERRIDES},akp_ratio=0.9"],
+    "seg_warmup_300": ["--seg_warmup_steps", "300"],
+    "steps_700_seg_warmup_300": ["--max_train_steps", "700", "--seg_warmup_steps", "300"],
     "linear": LINEAR_1500,
     "linear_train_images_8192": LINEAR_1500 + ["--num_train_images", "8192"],
     "linear_mae_1500_backbone_lr_0.1": ["--max_train_steps", "1500", "--mae_pretrain_steps", "1500",
