@@ -155,7 +155,7 @@ class APCConvStem(nn.Module):
     Why: a ViT trained from scratch on image labels learns a class's hue (linear in the pixels, which the linear patch
     embedding sees at once) long before its texture (nonlinear, which only the attention layers can compute), and
     then paints the class on background of that hue; the stem gives every patch token local texture features from
-    the first step. On the synthetic benchmark it took the recipe's test mIoU from 45 to 76 (docs/benchmarks.md).
+    the first step. On the synthetic benchmark it took the recipe's test mIoU from 45 to 78 (docs/benchmarks.md).
     BatchNorm, as in the paper: the same stem with GroupNorm + GELU did not learn the image labels in the recipe's
     budget (val 26).
     """
