@@ -21,6 +21,11 @@ from .cli import OneLineParser, prediction_flags
 from .data.transforms import EvalTransform, class_labels_to_multi_hot
 from .metrics import StreamingConfusionMatrix, format_iou_table
 
+# The protocol WSSS papers report final segmentation results with (ToCo, APC): test scales 1.0/1.25/1.5, each with
+# its horizontal flip, then a dense CRF. `evaluate(model, dataset, **STANDARD_PROTOCOL)`, or
+# `apc-eval --scales 1.0,1.25,1.5 --flip --crf`.
+STANDARD_PROTOCOL: dict[str, Any] = {"scales": (1.0, 1.25, 1.5), "flip": True, "crf": True}
+
 
 def _resize_to_patch_multiple(pixel_values: torch.Tensor, scale: float, patch: int) -> torch.Tensor:
     height, width = pixel_values.shape[-2:]

@@ -36,7 +36,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Learning (synthetic WSSS benchmark)"
 DEFAULT_VARIANT = "adaptive_k+pcl"
-STANDARD_PROTOCOL = dict(scales=(1.0, 1.25, 1.5), flip=True, crf=True)
 ALL_VARIANTS = ["max", "max+pcl", "topk", "topk+pcl", "adaptive_k", "adaptive_k+pcl"]
 
 
@@ -114,7 +113,7 @@ def floors(dataset, freq: np.ndarray, num_labels: int) -> dict:
 def judge(run: dict, seed: int, with_test: bool, cache: dict) -> dict:
     """Pseudo-labels on val, decoder on test (default variant only), and the floors, for this run's seed."""
     from apc_seg.data import make_synthetic
-    from apc_seg.evaluation import evaluate
+    from apc_seg.evaluation import STANDARD_PROTOCOL, evaluate
     from apc_seg.modeling_apc import APCForSemanticSegmentation
     from apc_seg.train import RECIPES
 
