@@ -11,6 +11,7 @@ from .labels import VOC_CLASSES
 POOLING_CHOICES = ("adaptive_k", "topk", "max")
 PATCH_MIXER_CHOICES = ("hv_bilstm", "none")
 BACKBONE_STEM_CHOICES = ("patch", "conv")
+CONV_STEM_INIT_CHOICES = ("he", "vit")
 PSEUDO_LABEL_REFINE_CHOICES = ("par", "none")
 
 
@@ -31,6 +32,12 @@ class APCConfig(PretrainedConfig):
             conv + BatchNorm + ReLU stages and a 1x1 projection; Xiao et al., NeurIPS 2021), for backbones trained
             from scratch: it gives the patch tokens local texture features from the first step (the synthetic
             recipe uses it; docs/method.md). The patch size must be a power of two.
+        conv_stem_init (`str`, *optional*, defaults to `"he"`):
+            Initialisation of the `"conv"` stem's convolutions. `"he"`: He normal (fan_out), as ResNets. `"vit"`:
+            ViT's truncated normal with std `initializer_range` (0.02), what they get as part of the ViT; kept to
+            reproduce the earlier benchmarks: each conv is followed by BatchNorm, so with std 0.02 Adam's steps are
+            large relative to the weights, and in 1 seed of 8 the synthetic recipe never learned its image labels
+            (docs/benchmarks.md). Only used for a model built from a config; loaded weights are kept.
         patch_mixer (`str`, *optional*, defaults to `"hv_bilstm"`):
             `"hv_bilstm"`: ViT-PCM's mixer, one BiLSTM along the rows and one along the columns of the patch grid,
             each with `hidden_size // 4` units per direction, concatenated back to `hidden_size`. `"none"`: identity.
@@ -79,6 +86,7 @@ class APCConfig(PretrainedConfig):
         self,
         backbone_config: dict | ViTConfig | None = None,
         backbone_stem: str = "patch",
+        conv_stem_init: str = "he",
         patch_mixer: str = "hv_bilstm",
         mixer_dropout: float = 0.2,
         classifier_dropout: float = 0.2,
@@ -114,6 +122,7 @@ class APCConfig(PretrainedConfig):
             backbone_config = ViTConfig(**{k: v for k, v in backbone_config.items() if k != "model_type"})
         self.backbone_config = backbone_config
         self.backbone_stem = backbone_stem
+        self.conv_stem_init = conv_stem_init
         self.patch_mixer = patch_mixer
         self.mixer_dropout = mixer_dropout
         self.classifier_dropout = classifier_dropout
@@ -166,6 +175,8 @@ class APCConfig(PretrainedConfig):
             fail("pooling", f"one of {POOLING_CHOICES}")
         if self.backbone_stem not in BACKBONE_STEM_CHOICES:
             fail("backbone_stem", f"one of {BACKBONE_STEM_CHOICES}")
+        if self.conv_stem_init not in CONV_STEM_INIT_CHOICES:
+            fail("conv_stem_init", f"one of {CONV_STEM_INIT_CHOICES}")
         patch = self.patch_size
         if self.backbone_stem == "conv" and (patch < 2 or patch & (patch - 1)):
             raise ValueError(

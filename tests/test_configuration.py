@@ -26,6 +26,7 @@ def test_coco_labels_count_background():
         (dict(pooling="mean"), "pooling"),
         (dict(patch_mixer="transformer"), "patch_mixer"),
         (dict(backbone_stem="resnet"), "backbone_stem"),
+        (dict(conv_stem_init="kaiming"), "conv_stem_init"),
         (dict(backbone_stem="conv", backbone_config=dict(hidden_size=32, num_attention_heads=2, patch_size=12)),
          "backbone_stem='conv' is invalid for patch_size=12"),
         (dict(pseudo_label_threshold=1.5), "pseudo_label_threshold"),

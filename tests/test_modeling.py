@@ -135,6 +135,21 @@ def test_conv_stem_replaces_the_patch_embedding_trains_and_round_trips(tmp_path)
     assert torch.equal(loaded(x).logits, model(x).logits)  # running statistics travel with the weights
 
 
+def test_conv_stem_convolutions_are_he_initialised():
+    # BatchNorm follows each conv, so a small init (ViT's std 0.02) means a large relative Adam step; the stem must
+    # get ResNet-style He init (std sqrt(2 / fan_out)) although transformers initialises it as part of the ViT.
+    torch.manual_seed(0)
+    stem = APCForSemanticSegmentation(tiny_config(backbone_stem="conv")).vit.embeddings.patch_embeddings.projection
+    convs = [m for m in stem.layers if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        expected = (2.0 / (conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1])) ** 0.5
+        assert abs(conv.weight.std().item() / expected - 1) < 0.15, (conv, conv.weight.std().item(), expected)
+    assert abs(stem.projection.weight.std().item() - 0.02) < 0.005  # the projection keeps ViT's init
+    # conv_stem_init="vit" keeps ViT's std 0.02 (the earlier benchmarks' stem).
+    vit_init = APCForSemanticSegmentation(tiny_config(backbone_stem="conv", conv_stem_init="vit"))
+    assert abs(vit_init.vit.embeddings.patch_embeddings.projection.layers[0].weight.std().item() - 0.02) < 0.005
+
+
 def test_from_pretrained_backbone_refuses_a_conv_stem(tmp_path):
     ViTModel(ViTConfig(**TINY_BACKBONE), add_pooling_layer=False).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="backbone_stem='patch'"):
