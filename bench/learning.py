@@ -112,29 +112,38 @@ def floors(dataset, freq: np.ndarray, num_labels: int) -> dict:
     return {"all_background": miou_from_confusion(cm_bg)["miou"], "label_fill": miou_from_confusion(cm_fill)["miou"]}
 
 
-def judge(run: dict, seed: int, with_test: bool, cache: dict) -> dict:
-    """Pseudo-labels on val, decoder on test (default variant only), and the floors, for this run's seed."""
+def judge(output_dir: str, seed: int, with_test: bool, reuse: bool, threads: int | None = None) -> dict:
+    """Pseudo-labels on val, decoder on test (default variant only), and the floors of this run's seed.
+
+    Written to `judge.json` in the run's folder; with `reuse`, a finished one is read back (the standard protocol's
+    dense CRF is most of a default run's judging time)."""
+    judge_file = Path(output_dir) / "judge.json"
+    if reuse and judge_file.is_file():
+        result = json.loads(judge_file.read_text())
+        if not with_test or "test_miou" in result:
+            return result
+    if threads:
+        torch.set_num_threads(threads)
     from apc_seg.data import make_synthetic
     from apc_seg.evaluation import STANDARD_PROTOCOL, evaluate
     from apc_seg.modeling_apc import APCForSemanticSegmentation
     from apc_seg.train import RECIPES
 
     recipe = RECIPES["synthetic"]
-    if seed not in cache:
-        # The same generator calls as apc-train (image i depends only on seed, split and i), plus the test split.
-        data = make_synthetic(num_train=recipe["num_train_images"], num_val=recipe["num_val_images"], num_test=256,
-                              image_size=recipe["crop_size"], seed=seed)
-        freq = label_fill_frequencies(data["train"], 4)
-        cache[seed] = {"data": data, "val": floors(data["val"], freq, 4), "test": floors(data["test"], freq, 4)}
-    data = cache[seed]["data"]
-    model = APCForSemanticSegmentation.from_pretrained(run["output_dir"]).eval()
-    result = {"val_pseudo_miou": evaluate(model, data["val"], mode="pseudo")["miou"]}
+    # The same generator calls as apc-train (image i depends only on seed, split and i), plus the test split.
+    data = make_synthetic(num_train=recipe["num_train_images"], num_val=recipe["num_val_images"], num_test=256,
+                          image_size=recipe["crop_size"], seed=seed)
+    freq = label_fill_frequencies(data["train"], 4)
+    model = APCForSemanticSegmentation.from_pretrained(output_dir).eval()
+    result = {"floors": {"val": floors(data["val"], freq, 4), "test": floors(data["test"], freq, 4)},
+              "val_pseudo_miou": evaluate(model, data["val"], mode="pseudo")["miou"]}
     if with_test:
         test = evaluate(model, data["test"])
         result["test_miou"] = test["miou"]
         result["test_per_class_iou"] = test["per_class_iou"]
         result["val_standard_miou"] = evaluate(model, data["val"], **STANDARD_PROTOCOL)["miou"]
         result["test_standard_miou"] = evaluate(model, data["test"], **STANDARD_PROTOCOL)["miou"]
+    judge_file.write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -291,12 +300,22 @@ def main(argv=None) -> int:
             for future in [pool.submit(run_one, v, b, seed, args) for v, b, seed in todo]:
                 future.result()
         args.reuse = True
+    todo = [(v, b, seed) for v, b in todo_rows for seed in row_seeds(v, b)]
+    trained = {job: run_one(*job, args) for job in todo}
+    # Judge N runs at once in processes of their own: the dense CRF runs on one core.
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = {job: pool.submit(judge, trained[job]["output_dir"], job[2], job[0] == DEFAULT_VARIANT, reused,
+                                    threads) for job in todo}
+        judged = {job: future.result() for job, future in futures.items()}
     for variant, backbone in todo_rows:
         runs = []
         for seed in row_seeds(variant, backbone):
-            run = run_one(variant, backbone, seed, args)
             with_test = variant == DEFAULT_VARIANT
-            run |= judge(run, seed, with_test, cache)
+            run = trained[(variant, backbone, seed)] | judged[(variant, backbone, seed)]
+            cache[seed] = run["floors"]
             runs.append(run)
             print(f"{variant}, {BACKBONES[backbone]}, seed {seed}: val {100 * run['val_miou']:.1f}, "
                   f"train pseudo {100 * run['train_pseudo_miou']:.1f}, val pseudo {100 * run['val_pseudo_miou']:.1f}"
