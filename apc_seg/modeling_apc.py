@@ -157,7 +157,7 @@ class APCConvStem(nn.Module):
     then paints the class on background of that hue; the stem gives every patch token local texture features from
     the first step. On the synthetic benchmark it took the recipe's test mIoU from 45 to 78 (docs/benchmarks.md).
     BatchNorm, as in the paper: the same stem with GroupNorm + GELU did not learn the image labels in the recipe's
-    budget (val 26).
+    budget (val 26). The convolutions are He-initialised by `APCForSemanticSegmentation` (`conv_stem_init`).
     """
 
     def __init__(self, config: APCConfig):
