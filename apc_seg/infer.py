@@ -2,11 +2,14 @@
 
     apc-infer --model apc-voc photo.jpg more_photos/ --output_dir predictions
     apc-infer --model USER/apc-voc photos/ --output_dir predictions --scales 1.0,1.25,1.5 --flip --crf
+    apc-infer --model apc-voc VOC2012/JPEGImages --image_list VOC2012/ImageSets/Segmentation/test.txt \
+        --no_overlay --output_dir results/VOC2012/Segmentation/comp6_test_cls     # the VOC test server's layout
 
 For `photo.jpg` it writes `predictions/photo.png` (class ids as a palette PNG: it opens in the usual VOC colours, and
 `np.array(Image.open(...))` gives the ids) and `predictions/photo_overlay.png` (the colours blended over the
-photo). Folders are read one level deep. Prediction is the evaluation protocol of `apc-eval`: the full image,
-the same multi-scale + flip averaging (`evaluation.predict_probabilities`) and optional dense CRF.
+photo). Folders are read one level deep; with `--image_list`, only the images it names (ids such as VOC's
+`2008_000006`, or file names) are taken from the folders. Prediction is the evaluation protocol of `apc-eval`: the
+full image, the same multi-scale + flip averaging (`evaluation.predict_probabilities`) and optional dense CRF.
 """
 
 from __future__ import annotations
@@ -46,6 +49,36 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         else:
             raise ValueError(f"{item} does not exist")
     return images
+
+
+def select_listed(folders: Sequence[str | Path], list_file: str | Path) -> list[Path]:
+    """The images named in `list_file` (one id or file name per line, blank lines ignored; VOC's
+    `ImageSets/Segmentation/*.txt` are such lists), each looked up in `folders` in order, in the list's order.
+
+    Raises:
+        ValueError: naming the list, an input that is not a folder, or the first entries found in no folder.
+    """
+    list_file = Path(list_file)
+    try:
+        entries = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {list_file}: {error}") from error
+    if not entries:
+        raise ValueError(f"{list_file} names no images")
+    folders = [Path(f) for f in folders]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder (with --image_list, give the folders the images are in)")
+    by_name: dict[str, Path] = {}
+    for folder in reversed(folders):  # the first folder wins
+        for path in folder.iterdir():
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                by_name[path.name] = by_name[path.stem] = path
+    missing = [entry for entry in entries if entry not in by_name]
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) of {list_file} not found in {', '.join(map(str, folders))}: "
+                         f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    return [by_name[entry] for entry in entries]
 
 
 def output_names(images: Sequence[Path]) -> list[str]:
@@ -120,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flip", action="store_true", help="Also average the horizontally flipped image.")
     parser.add_argument("--crf", action="store_true", help="Refine with a dense CRF (pip install 'apc-seg[crf]').")
     parser.add_argument("--alpha", type=float, default=0.5, help="Opacity of the colours in the overlay.")
+    parser.add_argument("--image_list", help="Text file of image ids or file names, one per line (e.g. VOC's "
+                        "ImageSets/Segmentation/test.txt): segment only these, found in the given folders.")
+    parser.add_argument("--no_overlay", action="store_true",
+                        help="Write only the index PNGs (e.g. for the VOC evaluation server).")
     return parser
 
 
@@ -127,8 +164,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     scales = prediction_flags(parser, args)
+    if args.image_list:
+        try:
+            images = select_listed(args.inputs, args.image_list)
+        except ValueError as error:
+            parser.error(f"--image_list: {error}")
+    else:
+        try:
+            images = collect_images(args.inputs)
+        except ValueError as error:
+            parser.error(f"IMAGE_OR_FOLDER: {error}")
     try:
-        images = collect_images(args.inputs)
         names = output_names(images)
     except ValueError as error:
         parser.error(f"IMAGE_OR_FOLDER: {error}")
@@ -155,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         labels = segment(model, image, scales, args.flip, args.crf, mean, std)
         colorize(labels).save(output_dir / f"{name}.png")
-        overlay(image, labels, args.alpha).save(output_dir / f"{name}_overlay.png")
+        if not args.no_overlay:
+            overlay(image, labels, args.alpha).save(output_dir / f"{name}_overlay.png")
         found = ", ".join(id2label[int(c)] for c in np.unique(labels))
         print(f"{path} -> {output_dir / name}.png ({found})")
     print(f"Segmented {len(images) - failed} of {len(images)} image(s) into {output_dir}")

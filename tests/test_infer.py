@@ -78,6 +78,38 @@ def test_infer_writes_palette_index_and_overlay_pngs_for_files_and_folders(model
     assert "Segmented 3 of 3 image(s)" in printed
 
 
+def test_image_list_segments_only_the_listed_images_without_overlays(model_dir, tmp_path, capsys):
+    # The VOC test-server workflow: JPEGImages + ImageSets/Segmentation/test.txt, index PNGs only.
+    write_images(tmp_path / "JPEGImages", [(16, 16), (24, 16), (16, 24)])  # img0.jpg, img1.png, img2.jpg
+    other = write_images(tmp_path / "more", [(8, 8), (8, 8)])[1]  # more/img1.png: the first folder wins
+    (tmp_path / "test.txt").write_text("img2\n\nimg0.jpg\nimg1\n")
+    out = tmp_path / "results"
+    assert main(["--model", str(model_dir), str(tmp_path / "JPEGImages"), str(other.parent),
+                 "--image_list", str(tmp_path / "test.txt"), "--no_overlay", "--output_dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["img0.png", "img1.png", "img2.png"]
+    assert Image.open(out / "img1.png").size == (16, 24)  # JPEGImages/img1.png (16 wide, 24 high), not more/img1.png
+    printed = capsys.readouterr().out.splitlines()
+    assert [Path(line.split(" -> ")[0]).name for line in printed[:3]] == ["img2.jpg", "img0.jpg", "img1.png"]
+
+
+@pytest.mark.parametrize(
+    "listed, use_file, message",
+    [
+        ("img0\nnope_1\nnope_2\n", False, "2 image(s) of"),
+        ("", False, "names no images"),
+        ("img0\n", True, "is not a folder"),
+    ],
+)
+def test_image_list_errors_name_the_flag_and_the_problem(listed, use_file, message, model_dir, tmp_path, capsys):
+    image = write_images(tmp_path / "JPEGImages", [(16, 16)])[0]
+    (tmp_path / "test.txt").write_text(listed)
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dir), str(image if use_file else image.parent), "--image_list",
+              str(tmp_path / "test.txt"), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert "--image_list" in err and message in err and "\n" not in err
+
+
 def test_overlay_blends_the_palette_colour_on_foreground_only():
     image = Image.new("RGB", (2, 1), (100, 100, 100))
     labels = np.array([[0, 1]], dtype=np.uint8)

@@ -118,7 +118,8 @@ def _voc_example(record: tuple, num_labels: int) -> dict:
         labels = labels_from_xml(xml_path)
     else:
         raise BadInputError(
-            f"Image {image_path} has neither a mask nor an Annotations xml, so its labels are unknown."
+            f"Image {image_path} has neither a mask nor an Annotations xml, so its labels are unknown. (A split "
+            "without labels, such as VOC's test split, is segmented with apc-infer --image_list; docs/training.md.)"
         )
     return {
         "image": image_value(image_path, image, converted),
