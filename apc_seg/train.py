@@ -612,7 +612,29 @@ def resume(accelerator, args, output_dir: Path, fingerprint: dict) -> tuple[int,
     accelerator.load_state(str(checkpoint))
     saved = json.loads((checkpoint / "apc_run.json").read_text())
     accelerator.print(f"Resumed from {checkpoint} at step {saved['step']}.")
+    set_aside_later_checkpoints(accelerator, output_dir, saved["step"])
     return saved["step"], saved["state"]
+
+
+def set_aside_later_checkpoints(accelerator, output_dir: Path, step: int) -> None:
+    """Move OUTPUT/checkpoints/step_N with N > `step` to OUTPUT/checkpoints/superseded/ (nothing is deleted).
+
+    They exist when a run is resumed from an earlier checkpoint than its last; they belong to the run this resume
+    replaces, and neither `--resume_from_checkpoint latest` nor `--checkpoints_total_limit` may count them."""
+    if accelerator.is_main_process:
+        later = [c for c in list_checkpoints(output_dir) if _checkpoint_step(c) > step]
+        if later:
+            target = output_dir / "checkpoints" / "superseded"
+            target.mkdir(exist_ok=True)
+            for checkpoint in later:
+                destination, n = target / checkpoint.name, 1
+                while destination.exists():
+                    destination, n = target / f"{checkpoint.name}.{n}", n + 1
+                checkpoint.rename(destination)
+            accelerator.print(f"apc-train: moved {len(later)} checkpoint(s) made after step {step} "
+                              f"({', '.join(c.name for c in later)}) to {target}: they belong to the run this resume "
+                              "replaces.")
+    accelerator.wait_for_everyone()
 
 
 def average_batchnorm_statistics(model, accelerator) -> None:

@@ -229,6 +229,26 @@ def test_checkpoints_total_limit_keeps_the_newest_complete_ones(tmp_path):
     assert train.list_checkpoints(out)[-1].name == "step_4"
 
 
+def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    # Going back to step_2 replaces the run after it: its step_3 and step_4 must not be what `latest` or the total
+    # limit see afterwards, and they are moved, not deleted.
+    out = tmp_path / "run"
+    run = TINY + ["--output_dir", str(out), "--max_train_steps", "5", "--checkpointing_steps", "1",
+                  "--checkpoints_total_limit", "3", "--eval_steps", "100", "--report_to", "none"]
+    assert train.main(run) == 0
+    assert [p.name for p in train.list_checkpoints(out)] == ["step_2", "step_3", "step_4"]
+    old_step_4 = (out / "checkpoints" / "step_4" / "apc_run.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert train.main(run + ["--max_train_steps", "3",  # a repeated flag takes its last value
+                             "--resume_from_checkpoint", str(out / "checkpoints" / "step_2")]) == 0
+    printed = capsys.readouterr().out
+    assert "moved 2 checkpoint(s) made after step 2 (step_3, step_4)" in printed
+    superseded = out / "checkpoints" / "superseded"
+    assert sorted(p.name for p in superseded.iterdir()) == ["step_3", "step_4"]
+    assert (superseded / "step_4" / "apc_run.json").stat().st_mtime_ns == old_step_4
+    assert [p.name for p in train.list_checkpoints(out)] == ["step_2"]  # the 3-step run saves none at its end
+
+
 # ------------------------------------------------------------------------------------------------ two processes
 
 
