@@ -56,7 +56,7 @@ def select_listed(folders: Sequence[str | Path], list_file: str | Path) -> list[
     `ImageSets/Segmentation/*.txt` are such lists), each looked up in `folders` in order, in the list's order.
 
     Raises:
-        ValueError: naming the list, an input that is not a folder, or the first entries found in no folder.
+        ValueError: naming the list, an input that is not a folder, or the first entries that no folder holds.
     """
     list_file = Path(list_file)
     try:
