@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, ViTModel
 from transformers import initialization as init
-from transformers.models.vit.modeling_vit import ViTEmbeddings
 from transformers.utils import ModelOutput
 
 from .configuration_apc import APCConfig
@@ -239,14 +238,9 @@ class APCPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)  # Linear, Conv2d, LSTM, LayerNorm
-        if isinstance(module, ViTEmbeddings):
-            std = self.config.backbone_config.initializer_range
-            if module.position_embeddings is not None:
-                init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
-            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
-            if module.mask_token is not None:
-                init.zeros_(module.mask_token)
+        # The new layers (mixer LSTMs, classifier, decoder convs). `self.vit` is a transformers sub-model: its modules,
+        # embeddings included, are initialised by ViT's own `_init_weights`.
+        super()._init_weights(module)
 
 
 class APCForSemanticSegmentation(APCPreTrainedModel):
