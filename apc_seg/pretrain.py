@@ -386,7 +386,11 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         mae.save_pretrained(output_dir / "mae")
         (output_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))
         accelerator.print(f"MAE loss {metrics['final_loss']}; ViT backbone saved to {output_dir}")
-    accelerator.end_training()
+    from .train import leave
+
+    accelerator.wait_for_everyone()  # no process tears the group down while the main one is still saving
+    del model  # the DDP wrapper; `leave` releases the accelerator's reference
+    leave(accelerator)
     return metrics
 
 
