@@ -598,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def leave(accelerator) -> None:
     """End the run (trackers, process group) without gloo's teardown deadlock.
 
-    Seen in 2 of ~60 two-process CPU runs, with py-spy: at interpreter exit DDP's reducer dropped the last reference to
+    Seen in 2 of 81 two-process CPU runs, with py-spy: at interpreter exit DDP's reducer dropped the last reference to
     the gloo process group, whose destructor (main thread, GIL held) waited for a gloo worker thread that was still
     releasing the final barrier's tensors, which needs the GIL. So the DDP wrapper is freed while the group is alive,
     and after one more barrier the main thread releases the GIL briefly, letting the workers finish, before the group
