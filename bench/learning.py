@@ -3,8 +3,8 @@
     python bench/learning.py                                   # the full grid: 3 poolings x PCL off/on x 3 seeds
     python bench/learning.py --backbones recipe,patch,mae --backbone_variants adaptive_k+pcl --jobs 2
     python bench/learning.py --variants adaptive_k+pcl --seeds 0 --max_train_steps 300 --no_doc   # a smoke run
-    python bench/learning.py --default_seeds 0,1,2,3,4,5,6,7 --backbones recipe,patch,mae \
-        --backbone_variants adaptive_k+pcl --jobs 2                   # the docs' grid: the default on 8 seeds
+    python bench/learning.py --default_seeds 0,1,2,3,4,5,6,7,8,9,10,11 --backbones recipe,patch,mae \
+        --backbone_variants adaptive_k+pcl --jobs 2                   # the docs' grid: the default on 12 seeds
 
 Each run is `apc-train --recipe synthetic` (a tiny ViT from scratch, CPU) with only the variant's config changed, so
 the table measures the recipe a user gets. Reported per variant, mean +- std over seeds:
@@ -292,15 +292,14 @@ def main(argv=None) -> int:
         return default_seeds if (variant, backbone) == (DEFAULT_VARIANT, "recipe") else seeds
 
     reused = args.reuse
-    if args.jobs > 1:  # train everything first, N at a time; the loop below then finds the finished runs
+    todo = [(v, b, seed) for v, b in todo_rows for seed in row_seeds(v, b)]
+    if args.jobs > 1:  # train everything first, N at a time; the line below then finds the finished runs
         from concurrent.futures import ThreadPoolExecutor
 
-        todo = [(v, b, seed) for v, b in todo_rows for seed in row_seeds(v, b)]
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(run_one, v, b, seed, args) for v, b, seed in todo]:
                 future.result()
         args.reuse = True
-    todo = [(v, b, seed) for v, b in todo_rows for seed in row_seeds(v, b)]
     trained = {job: run_one(*job, args) for job in todo}
     # Judge N runs at once in processes of their own: the dense CRF runs on one core.
     from concurrent.futures import ProcessPoolExecutor
