@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apc_seg import APCConfig, APCForSemanticSegmentation  # noqa: E402
+from apc_seg import APCConfig, APCForSemanticSegmentation, pseudo_labels  # noqa: E402
 from apc_seg.labels import VOC_CLASSES  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
@@ -89,12 +90,15 @@ def measure(args, fast: bool, compile_model: bool = False) -> dict:
     sync()
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:  # counts matmuls, convs and attention; LSTMs are not counted
+    # One uncompiled step under both counters (compiled kernels are not aten operators, so the compiled row
+    # reports the eager step's operator count).
+    with FlopCounterMode(display=False) as counter, OperatorCounter() as operators:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = model(pixel_values=pixel_values, class_labels=class_labels, use_seg_loss=True)
         out.loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()  # matmuls, convolutions and attention; LSTMs are not counted
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync()
@@ -115,8 +119,29 @@ def measure(args, fast: bool, compile_model: bool = False) -> dict:
         "peak_mem_gib": peak_mem,
         "tflop_per_step": flops / 1e12,
         "mfu": flops / step_time / peak if peak else float("nan"),
+        "operators": operators.total,
+        "kernel_operators": operators.kernels,
         "loss": loss,
     }
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the aten operators one step dispatches, and among them those that are not views.
+
+    On a GPU each non-view operator is at least one kernel launch, and every operator costs the host a few
+    microseconds of dispatch; when the host cannot launch as fast as the GPU runs, this count, not FLOPs, sets the
+    step time (docs/benchmarks.md). The count is the same on any device except for device-specific schedules
+    (PAR's propagation is a loop on CPU, a gather on GPU).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        self.kernels += not func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 def profile_steps(step, device: torch.device, steps: int = 3, rows: int = 30) -> None:
@@ -151,6 +176,9 @@ def main(argv=None) -> int:
                         help="pseudo_label_max_classes of the fast path (background + at most 3 classes here; "
                              "apc-train takes it from the training split). 0 = off.")
     parser.add_argument("--cpu_bf16", action="store_true", help="Use bf16 autocast on the CPU fast path too.")
+    parser.add_argument("--par_gather", action="store_true",
+                        help="Run PAR's propagation as on a GPU (one gather per chunk of offsets) on any device, "
+                             "e.g. to count the GPU schedule's operators on a CPU.")
     parser.add_argument("--profile", action="store_true", help="Print a profile of the fast step.")
     parser.add_argument("--json", help="Also write the rows to this file.")
     args = parser.parse_args(argv)
@@ -158,6 +186,8 @@ def main(argv=None) -> int:
     args.crop_size = args.crop_size or (96 if args.small else 448)
     args.max_classes = args.max_classes or None
 
+    if args.par_gather:
+        pseudo_labels._propagate_by_shifts = pseudo_labels._propagate_by_gather
     device = torch.device(args.device)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
     print(f"# {hardware}, torch {torch.__version__}, batch {args.batch_size}, crop {args.crop_size}, "
@@ -168,11 +198,12 @@ def main(argv=None) -> int:
         rows.append(measure(args, **variant))
         r, reference = rows[-1], rows[0]["images_per_s"]
         if len(rows) == 1:
-            print("| step | images/s | step ms | peak GiB | TFLOP/step | MFU | x reference | loss |")
-            print("|---|---|---|---|---|---|---|---|")
+            print("| step | images/s | step ms | peak GiB | TFLOP/step | MFU | x reference | ops/step (non-view) "
+                  "| loss |")
+            print("|---|---|---|---|---|---|---|---|---|")
         print(f"| {r['name']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | {r['peak_mem_gib']:.2f} | "
               f"{r['tflop_per_step']:.3f} | {100 * r['mfu']:.1f}% | {r['images_per_s'] / reference:.2f} | "
-              f"{r['loss']:.4f} |", flush=True)
+              f"{r['operators']} ({r['kernel_operators']}) | {r['loss']:.4f} |", flush=True)
     best = max(rows[1:], key=lambda r: r["images_per_s"])
     voc_minutes = VOC_STEPS * VOC_BATCH / best["images_per_s"] / 60
     coco_minutes = COCO_STEPS * VOC_BATCH / best["images_per_s"] / 60

@@ -153,9 +153,17 @@ def test_pseudo_labels_refuse_an_image_with_more_classes_than_max_classes():
         make_pseudo_labels(torch.rand(1, 6, 4, 4).softmax(1), labels, torch.randn(1, 3, 32, 32), max_classes=3)
 
 
-def test_par_equals_the_offset_by_offset_definition():
-    # ToCo's PAR written one neighbour offset at a time; par_refine batches a dilation's 8 offsets per kernel.
+@pytest.mark.parametrize("schedule", ["shifts", "gather", "gather_in_chunks"])
+def test_par_equals_the_offset_by_offset_definition(schedule, monkeypatch):
+    # ToCo's PAR written one neighbour offset at a time. par_refine runs the propagation as a loop of fused
+    # multiply-adds on a CPU and as one gather per chunk of offsets on a GPU; both are checked here on the CPU.
+    from apc_seg import pseudo_labels
     from apc_seg.pseudo_labels import _neighbour_offsets
+
+    if schedule != "shifts":
+        monkeypatch.setattr(pseudo_labels, "_propagate_by_shifts", pseudo_labels._propagate_by_gather)
+    if schedule == "gather_in_chunks":  # 5 offsets per chunk: 24 offsets in 5 chunks, the last one short
+        monkeypatch.setattr(pseudo_labels, "_GATHER_CHUNK_ELEMENTS", 5 * 2 * 3 * 20 * 24)
 
     torch.manual_seed(0)
     image, probs = torch.randn(2, 3, 20, 24), torch.rand(2, 3, 20, 24).softmax(dim=1)
