@@ -293,7 +293,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     transform = MAETransform(image_size, args.seed)
     loader = torch.utils.data.DataLoader(
         images.with_transform(transform), batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
-        num_workers=args.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+        num_workers=args.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
         generator=torch.Generator().manual_seed(args.seed),
     )
     if len(loader) == 0:

@@ -490,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_loader = torch.utils.data.DataLoader(
         train_set.with_transform(transform), batch_size=args.per_device_train_batch_size, shuffle=True,
         drop_last=True, num_workers=args.num_workers, collate_fn=partial(collate_fn, num_labels=num_labels),
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
         # Its own generator: without one, every new iterator (each epoch, and the resumed one) draws the workers'
         # base seed from the global RNG, and a mid-epoch resume would then see other dropout and PCL draws.
         generator=torch.Generator().manual_seed(args.seed),

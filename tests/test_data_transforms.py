@@ -102,6 +102,29 @@ def test_reproducible_per_sample_and_epoch_through_dataloader_workers():
     assert torch.equal(serial[0]["class_labels"], expected)
 
 
+def test_persistent_workers_see_each_new_epoch():
+    # apc-train keeps its workers between epochs; each epoch must still get that epoch's crops, exactly those of a
+    # single-process loader.
+    base = _tiny_dataset()
+
+    def epochs(workers):
+        transform = TrainTransform(crop_size=24, seed=7)
+        loader = torch.utils.data.DataLoader(
+            base.with_transform(transform), batch_size=4, num_workers=workers, persistent_workers=workers > 0,
+            collate_fn=partial(collate_fn, num_labels=4),
+        )
+        out = []
+        for epoch in range(3):
+            transform.set_epoch(epoch)
+            out.append(torch.cat([batch["pixel_values"] for batch in loader]))
+        return out
+
+    serial, persistent = epochs(0), epochs(2)
+    for epoch in range(3):
+        assert torch.equal(serial[epoch], persistent[epoch]), epoch
+    assert not torch.equal(persistent[0], persistent[1])
+
+
 def test_collate_pads_mixed_sizes_and_missing_masks():
     examples = [
         {"pixel_values": torch.ones(3, 4, 6), "pixel_labels": torch.full((4, 6), 2), "class_labels": [2]},

@@ -216,6 +216,16 @@ def test_resume_with_gradient_accumulation_is_bit_identical(tmp_path, monkeypatc
                                                     "--eval_steps", "2"], kill_at=3)
 
 
+def test_resume_with_persistent_workers_is_bit_identical(tmp_path, monkeypatch, capsys):
+    # Two persistent workers (the VOC recipe keeps 8 between epochs): 4 batches per epoch, so the 10 steps cross two
+    # epoch boundaries in the straight run and one after the resume; each epoch must get its own crops in the
+    # workers, as the single-process runs above do.
+    straight, _ = kill_and_resume(tmp_path, monkeypatch, capsys,
+                                  ["--max_train_steps", "10", "--eval_steps", "5", "--num_workers", "2"], kill_at=6)
+    order = read_batches(tmp_path / "straight.log")
+    assert order[:4] != order[4:8], "the epochs should be shuffled differently"
+
+
 def test_checkpoints_total_limit_keeps_the_newest_complete_ones(tmp_path):
     out = tmp_path / "run"
     assert train.main(TINY + ["--output_dir", str(out), "--max_train_steps", "5", "--checkpointing_steps", "1",

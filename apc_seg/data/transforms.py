@@ -9,8 +9,8 @@
 
 Reproducibility: with ``seed`` set, the random crop/flip/jitter of a sample depends only on ``(seed, epoch,
 image_id)``, never on worker count or sample order, so a resumed run sees the same crops as an uninterrupted one.
-Call ``transform.set_epoch(epoch)`` before building each epoch's iterator (workers copy the transform when the
-iterator starts, so do not use ``persistent_workers=True`` together with ``set_epoch``).
+Call ``transform.set_epoch(epoch)`` before starting each epoch's iterator. The epoch lives in shared memory, so
+DataLoader workers see it, persistent ones (``persistent_workers=True``) included.
 """
 
 from __future__ import annotations
@@ -112,10 +112,17 @@ class TrainTransform:
         self.mean, self.std = tuple(mean), tuple(std)
         self.ignore_index = ignore_index
         self.seed = seed
-        self.epoch = 0
+        # A shared-memory tensor rather than an int: DataLoader workers hold their own copy of the transform, and
+        # persistent workers (which keep a GPU fed without restarting every epoch) would otherwise never see a new
+        # epoch and repeat the first epoch's crops.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.fill_(int(epoch))
 
     def rng_for(self, key: int | str) -> np.random.Generator:
         if self.seed is None:
