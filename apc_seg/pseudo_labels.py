@@ -97,7 +97,7 @@ def par_refine(
     del centred
     scale = ((colour_std + 1e-8) * w1).square_()
     colour_aff = -(neighbours.sub_(image.unsqueeze(2)).square_().div_(scale)).mean(dim=1, keepdim=True)  # B,1,K,H,W
-    distance = torch.tensor([o[2] for o in offsets], device=image.device, dtype=image.dtype)
+    distance = _offset_distances(tuple(o[2] for o in offsets), image.device)
     pos_aff = -((distance / (distance.std() + 1e-8) / w1) ** 2)
     affinity = F.softmax(colour_aff, dim=2) + w2 * F.softmax(pos_aff, dim=0).view(1, 1, -1, 1, 1)
     # Two schedules of the same sum (equal within float rounding, tested): the loop is faster on a CPU, the gather
@@ -125,7 +125,29 @@ def _propagate_by_shifts(probs: torch.Tensor, affinity: torch.Tensor, offsets, i
     return refined
 
 
-@functools.lru_cache(maxsize=8)
+def _device_constant(build):
+    """Cache `build(*key)`, a small tensor made from Python numbers, per key and device.
+
+    Made every step, such a tensor is a host-to-device copy, and a blocking copy synchronises the GPU in the middle
+    of the step; cached, it is copied once per run. Under `torch.compile` the builder is traced instead (it becomes
+    a constant of the graph; dynamo does not trace through `lru_cache`).
+    """
+    cached = functools.lru_cache(maxsize=8)(build)
+
+    @functools.wraps(build)
+    def get(*key):
+        return build(*key) if torch.compiler.is_compiling() else cached(*key)
+
+    get.cache_clear = cached.cache_clear
+    return get
+
+
+@_device_constant
+def _offset_distances(distances: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(distances, dtype=torch.float32).to(device)
+
+
+@_device_constant
 def _neighbour_index(height: int, width: int, offsets: tuple, device: torch.device) -> torch.Tensor:
     """`(K, H * W)` flat index of each pixel's neighbour at each offset, clamped at the borders (replicate padding).
 

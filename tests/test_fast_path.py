@@ -1,5 +1,6 @@
 """The fast path (bf16 autocast, SDPA, fused AdamW) changes no result beyond bf16 tolerance (issue 7)."""
 
+import pytest
 import torch
 
 from apc_seg import APCConfig, APCForSemanticSegmentation
@@ -41,3 +42,45 @@ def test_fused_adamw_step_matches_the_for_loop_step():
         optimizer.step()
     for (name, a), b in zip(fast.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("schedule", ["shifts", "gather"])
+def test_training_step_makes_no_tensor_from_python_data_after_the_first(schedule, monkeypatch):
+    # On a GPU a tensor made from Python numbers is a blocking host-to-device copy, which synchronises the device in
+    # the middle of the step; constants such as PAR's neighbour index and offset distances are made once per run.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from apc_seg import pseudo_labels
+
+    if schedule == "gather":  # PAR's GPU schedule, run here on the CPU
+        monkeypatch.setattr(pseudo_labels, "_propagate_by_shifts", pseudo_labels._propagate_by_gather)
+
+    class HostData(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # Python scalars arrive as 0-dim tensors, which CUDA kernels take as arguments without a copy.
+            if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default) and args[0].dim():
+                self.made.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    pseudo_labels._offset_distances.cache_clear()
+    pseudo_labels._neighbour_index.cache_clear()
+    torch.manual_seed(0)
+    model = APCForSemanticSegmentation(tiny_config(pseudo_label_max_classes=2)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    pixel_values, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 1, 0], [1, 0, 1]])
+
+    def step():
+        model(pixel_values, class_labels=labels, use_seg_loss=True).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with HostData() as first:
+        step()
+    assert first.made, "the first step builds the constants (else this check could not fail)"
+    with HostData() as steady:
+        step()
+    assert steady.made == []
