@@ -111,7 +111,7 @@ def _propagate_by_shifts(probs: torch.Tensor, affinity: torch.Tensor, offsets, i
     """`iterations` steps of `p_i <- sum_k affinity[k, i] * p_{neighbour k of i}`, one offset at a time (CPU).
 
     Each step streams the `(B, C, H, W)` map once per offset through cache with a fused multiply-add; on a CPU this
-    is 4x faster than gathering all offsets at once (measured at the VOC and synthetic sizes), and memory stays
+    is 3-4x faster than gathering all offsets at once (measured at the VOC and synthetic sizes), and memory stays
     `O(B * C * H * W)` for COCO's 81 classes.
     """
     height, width = probs.shape[-2:]

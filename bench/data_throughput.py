@@ -28,6 +28,8 @@ def measure(dataset, crop_size: int, workers: int, batch_size: int, num_batches:
         dataset.with_transform(transform), batch_size=batch_size, shuffle=True, drop_last=True,
         num_workers=workers, collate_fn=partial(collate_fn, num_labels=num_labels_of(dataset)),
         generator=torch.Generator().manual_seed(0),
+        # As apc-train's loader: persistent workers (so a new epoch does not restart them) and pinned batches on CUDA.
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
     )
     iterator = iter(loader)
     next(iterator)  # warm-up: worker start-up and first decode

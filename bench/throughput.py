@@ -10,6 +10,8 @@ here (see bench/data_throughput.py).
     python bench/throughput.py --device cpu --small             # a tiny config, for a smoke run on a laptop
 
 MFU = (FLOPs of one step counted by torch.utils.flop_counter) / step time / peak FLOP/s of the device.
+Also per step: the aten operators dispatched (the non-view ones are kernel launches on a GPU, which bound this step
+there) and, on CUDA, the host-device synchronisations reported by torch's sync debug mode.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def measure(args, fast: bool, compile_model: bool = False) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build(args.small, fast, args.crop_size, args.max_classes).to(device).train()
-    fused = fast and device.type == "cuda"
+    fused = fast  # torch has a fused AdamW for CPU tensors too, so a CPU run counts the same optimiser operators
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None,
                                   foreach=None if fused else False)
     step_model = torch.compile(model, mode=args.compile_mode) if compile_model else model
@@ -108,6 +110,7 @@ def measure(args, fast: bool, compile_model: bool = False) -> dict:
     sync()
     step_time = (time.perf_counter() - start) / args.steps
     loss = out.loss.item()
+    syncs = count_syncs(step) if device.type == "cuda" else None
     if args.profile and fast and not compile_model:
         profile_steps(step, device)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
@@ -121,6 +124,7 @@ def measure(args, fast: bool, compile_model: bool = False) -> dict:
         "mfu": flops / step_time / peak if peak else float("nan"),
         "operators": operators.total,
         "kernel_operators": operators.kernels,
+        "syncs_per_step": syncs,
         "loss": loss,
     }
 
@@ -142,6 +146,20 @@ class OperatorCounter(TorchDispatchMode):
         self.total += 1
         self.kernels += not func.is_view
         return func(*args, **(kwargs or {}))
+
+
+def count_syncs(step) -> int:
+    """Host-device synchronisations in one step (CUDA), as reported by torch's sync debug mode."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def profile_steps(step, device: torch.device, steps: int = 3, rows: int = 30) -> None:
@@ -176,9 +194,10 @@ def main(argv=None) -> int:
                         help="pseudo_label_max_classes of the fast path (background + at most 3 classes here; "
                              "apc-train takes it from the training split). 0 = off.")
     parser.add_argument("--cpu_bf16", action="store_true", help="Use bf16 autocast on the CPU fast path too.")
-    parser.add_argument("--par_gather", action="store_true",
-                        help="Run PAR's propagation as on a GPU (one gather per chunk of offsets) on any device, "
-                             "e.g. to count the GPU schedule's operators on a CPU.")
+    parser.add_argument("--par_schedule", choices=["device", "gather", "shifts"], default="device",
+                        help="PAR's propagation: the device's own (shifts on CPU, gather on GPU), or either one on "
+                             "any device, e.g. to count the GPU schedule's operators on a CPU or time the loop on "
+                             "a GPU.")
     parser.add_argument("--profile", action="store_true", help="Print a profile of the fast step.")
     parser.add_argument("--json", help="Also write the rows to this file.")
     args = parser.parse_args(argv)
@@ -186,12 +205,14 @@ def main(argv=None) -> int:
     args.crop_size = args.crop_size or (96 if args.small else 448)
     args.max_classes = args.max_classes or None
 
-    if args.par_gather:
-        pseudo_labels._propagate_by_shifts = pseudo_labels._propagate_by_gather
+    if args.par_schedule != "device":
+        propagate = getattr(pseudo_labels, f"_propagate_by_{args.par_schedule}")
+        pseudo_labels._propagate_by_shifts = pseudo_labels._propagate_by_gather = propagate
     device = torch.device(args.device)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
     print(f"# {hardware}, torch {torch.__version__}, batch {args.batch_size}, crop {args.crop_size}, "
-          f"{'tiny ViT' if args.small else 'ViT-B/16'}, {args.steps} timed steps after {args.warmup} warm-up")
+          f"{'tiny ViT' if args.small else 'ViT-B/16'}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"PAR schedule {args.par_schedule}")
     variants = [dict(fast=False), dict(fast=True)] + ([dict(fast=True, compile_model=True)] if args.compile else [])
     rows = []
     for variant in variants:  # each row is printed as soon as it is measured, so a time limit keeps the rest
@@ -199,11 +220,12 @@ def main(argv=None) -> int:
         r, reference = rows[-1], rows[0]["images_per_s"]
         if len(rows) == 1:
             print("| step | images/s | step ms | peak GiB | TFLOP/step | MFU | x reference | ops/step (non-view) "
-                  "| loss |")
-            print("|---|---|---|---|---|---|---|---|---|")
+                  "| syncs/step | loss |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
         print(f"| {r['name']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | {r['peak_mem_gib']:.2f} | "
               f"{r['tflop_per_step']:.3f} | {100 * r['mfu']:.1f}% | {r['images_per_s'] / reference:.2f} | "
-              f"{r['operators']} ({r['kernel_operators']}) | {r['loss']:.4f} |", flush=True)
+              f"{r['operators']} ({r['kernel_operators']}) | "
+              f"{'-' if r['syncs_per_step'] is None else r['syncs_per_step']} | {r['loss']:.4f} |", flush=True)
     best = max(rows[1:], key=lambda r: r["images_per_s"])
     voc_minutes = VOC_STEPS * VOC_BATCH / best["images_per_s"] / 60
     coco_minutes = COCO_STEPS * VOC_BATCH / best["images_per_s"] / 60
