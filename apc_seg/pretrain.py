@@ -119,14 +119,9 @@ def load_images(args):
         data = make_synthetic(num_train=args.num_train_images, num_val=0, num_test=0, image_size=size, seed=args.seed)
         return data["train"].select_columns(["image", "image_id"])
     if args.dataset == "voc":
-        from .data import load_voc
+        from .data.voc import default_train_split, load_voc
 
-        split = args.train_split
-        if split is None:
-            root = Path(args.data_dir)
-            has_aug = any((d / "SegmentationClassAug").is_dir() for d in (root, root / "VOC2012",
-                                                                           root / "VOCdevkit" / "VOC2012"))
-            split = "train_aug" if has_aug else "train"
+        split = args.train_split or default_train_split(args.data_dir)
         data = load_voc(args.data_dir, splits=[split], skip_bad_images=args.skip_bad_images)
         return data[split].select_columns(["image", "image_id"])
     if args.dataset == "coco":
@@ -284,7 +279,10 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed)
 
     with accelerator.main_process_first():
-        images = load_images(args)
+        try:
+            images = load_images(args)
+        except (FileNotFoundError, ValueError) as error:  # the message names the folder or file and what to do
+            raise SystemExit(f"apc-pretrain: error: {error}") from None
     model = build_mae(args)
     image_size = model.config.image_size
     if image_size % model.config.patch_size:
@@ -293,7 +291,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     transform = MAETransform(image_size, args.seed)
     loader = torch.utils.data.DataLoader(
         images.with_transform(transform), batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
-        num_workers=args.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
+        num_workers=args.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.num_workers > 0,
         generator=torch.Generator().manual_seed(args.seed),
     )
     if len(loader) == 0:

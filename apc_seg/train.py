@@ -270,13 +270,10 @@ def load_datasets(args):
                               image_size=args.crop_size, seed=args.seed)
         return data["train"], data["val"], SYNTHETIC_CLASSES
     if args.dataset == "voc":
-        from .data import load_voc
+        from .data.voc import default_train_split, load_voc
 
         if args.train_split is None:
-            root = Path(args.data_dir)
-            has_aug = any((d / "SegmentationClassAug").is_dir() for d in (root, root / "VOC2012",
-                                                                           root / "VOCdevkit" / "VOC2012"))
-            args.train_split = "train_aug" if has_aug else "train"
+            args.train_split = default_train_split(args.data_dir)
         data = load_voc(args.data_dir, splits=[args.train_split, args.val_split],
                         skip_bad_images=args.skip_bad_images)
         return data[args.train_split], data[args.val_split], VOC_CLASSES
@@ -484,7 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Data
     with accelerator.main_process_first():
-        train_set, val_set, class_names = load_datasets(args)
+        try:
+            train_set, val_set, class_names = load_datasets(args)
+        except (FileNotFoundError, ValueError) as error:  # the message names the folder or file and what to do
+            raise SystemExit(f"apc-train: error: {error}") from None
     num_labels = len(class_names)
     transform = TrainTransform(crop_size=args.crop_size, seed=args.seed)  # per-sample RNG = f(seed, epoch, image_id)
     train_loader = torch.utils.data.DataLoader(

@@ -369,6 +369,25 @@ def test_bad_flags_exit_with_one_line_naming_the_flag(argv, flag, tmp_path, caps
     assert flag in _error_line(capsys)
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("missing_list", "ImageSets/Segmentation/val.txt"),
+    ("truncated_image", "2007_000001"),
+])
+def test_data_errors_end_apc_train_with_the_loaders_message_not_a_traceback(damage, message, tmp_path):
+    from test_data_voc import make_voc
+
+    voc = make_voc(tmp_path / "data")
+    if damage == "missing_list":
+        (voc / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    else:
+        image = voc / "JPEGImages" / "2007_000001.jpg"
+        image.write_bytes(image.read_bytes()[:300])
+    with pytest.raises(SystemExit) as error:
+        train.main(["--recipe", "voc", "--data_dir", str(voc), "--model_name_or_path", "none",
+                    "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    assert str(error.value.code).startswith("apc-train: error: ") and message in str(error.value.code)
+
+
 def test_output_dir_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

@@ -51,6 +51,15 @@ def find_voc_root(root: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"No PASCAL VOC folder found at {str(root)!r}.\n{VOC_LAYOUT}")
 
 
+def default_train_split(root: str | os.PathLike) -> str:
+    """The training split WSSS papers use: ``train_aug`` (10,582 images) when SBD's ``SegmentationClassAug`` is
+    there, else VOC's own ``train`` (1,464)."""
+    root = Path(root).expanduser()
+    folders = (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012")
+    has_aug = any((folder / "SegmentationClassAug").is_dir() for folder in folders)
+    return "train_aug" if has_aug else "train"
+
+
 def _read_id_list(path: Path) -> list[str]:
     """Image ids of a split list. Accepts plain ids and DeepLab-style lines ("/JPEGImages/x.jpg /Seg.../x.png")."""
     ids = []
