@@ -266,6 +266,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
+    from .train import NonFiniteLossGuard, leave
+
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.mixed_precision != "no" and not torch.cuda.is_available():
@@ -335,9 +337,10 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
                     disable=args.quiet or not accelerator.is_local_main_process)
     start = time.time()
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+    nonfinite = NonFiniteLossGuard(accelerator, "apc-pretrain", global_step, lambda: list_checkpoints(output_dir))
     model.train()
     epoch = global_step // updates_per_epoch
-    while global_step < args.max_train_steps:
+    while global_step < args.max_train_steps and not nonfinite.stopped:
         transform.set_epoch(epoch)
         loader.set_epoch(epoch)
         batches = loader
@@ -348,6 +351,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
             # Masking noise comes from the global torch RNG, which save_state/load_state restore exactly.
             loss = model(pixel_values=batch["pixel_values"]).loss
             accelerator.backward(loss)
+            nonfinite.update(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -355,6 +359,10 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
             progress.update(1)
             loss_sum += loss.detach()
             loss_count += 1
+            if global_step % args.logging_steps == 0 or global_step % args.checkpointing_steps == 0 or \
+                    global_step >= args.max_train_steps:  # where the host reads the device anyway
+                if nonfinite.check(global_step):
+                    break
             if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
                 mean_loss = (loss_sum / loss_count).item()
                 history.append({"step": global_step, "loss": mean_loss})
@@ -375,6 +383,11 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
                 break
         epoch += 1
     progress.close()
+    if nonfinite.stopped:
+        accelerator.wait_for_everyone()
+        del model
+        leave(accelerator)
+        raise SystemExit(nonfinite.message)
 
     accelerator.wait_for_everyone()
     metrics = {"final_loss": history[-1]["loss"] if history else None, "train_steps": global_step,
@@ -385,8 +398,6 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         mae.save_pretrained(output_dir / "mae")
         (output_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))
         accelerator.print(f"MAE loss {metrics['final_loss']}; ViT backbone saved to {output_dir}")
-    from .train import leave
-
     accelerator.wait_for_everyone()  # no process tears the group down while the main one is still saving
     del model  # the DDP wrapper; `leave` releases the accelerator's reference
     leave(accelerator)

@@ -21,7 +21,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -533,9 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     start_time, images_seen, window_start = time.time(), 0, time.time()
     seconds_before = state.get("train_seconds", 0.0)  # of the runs before a resume
     val_result = None  # of the final step, when the loop evaluated it
+    nonfinite = NonFiniteLossGuard(accelerator, "apc-train", global_step, lambda: list_checkpoints(output_dir))
     model.train()
     epoch = global_step // updates_per_epoch
-    while global_step < args.max_train_steps:
+    while global_step < args.max_train_steps and not nonfinite.stopped:
         transform.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         loader = train_loader
@@ -547,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out = model(pixel_values=batch["pixel_values"], class_labels=batch["class_labels"],
                             use_seg_loss=global_step >= args.seg_warmup_steps)
                 accelerator.backward(out.loss)
+                nonfinite.update(out.loss)
                 if args.max_grad_norm and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -557,6 +559,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             global_step += 1
             progress.update(1)
+            # The host reads the device at logging, validation, checkpoints and the end; first it checks that no
+            # step since the last look had a NaN or infinite loss, so nothing trained on one is ever saved.
+            if any(global_step % every == 0 for every in (args.logging_steps, args.eval_steps,
+                                                          args.checkpointing_steps)) or \
+                    global_step >= args.max_train_steps:
+                if nonfinite.check(global_step):
+                    break
             if global_step % args.logging_steps == 0:  # the only host-device syncs of the loop
                 elapsed = time.time() - window_start
                 logs = {f"loss/{k}": v.item() for k, v in out.loss_terms.items()}
@@ -576,6 +585,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         epoch += 1
     progress.close()
     train_seconds = seconds_before + time.time() - start_time
+    if nonfinite.stopped:
+        accelerator.wait_for_everyone()
+        del model
+        leave(accelerator)
+        raise SystemExit(nonfinite.message)
 
     # Final model, metrics and card
     accelerator.wait_for_everyone()
@@ -593,6 +607,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     del model  # the DDP wrapper; `leave` releases the accelerator's reference
     leave(accelerator)
     return status
+
+
+class NonFiniteLossGuard:
+    """Stops a run whose loss became NaN or infinite, before anything trained on such a step is saved.
+
+    Each forward adds its loss's non-finiteness to a counter on the device (no host-device sync per step); `check`
+    reads it (summed over processes) where the loop syncs anyway. On a hit, `check` returns True and `message` says
+    which steps, that the checkpoints and model on disk predate them, and what to change. The update of a bad step
+    has already been applied (skipping it would cost a sync per step), so the run cannot go on from memory.
+    """
+
+    def __init__(self, accelerator, prog: str, step: int, checkpoints: Callable[[], list[Path]]):
+        self.accelerator, self.prog, self.checkpoints = accelerator, prog, checkpoints
+        self.count = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+        self.checked_step = step
+        self.message = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.message is not None
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.count += ~torch.isfinite(loss.detach())
+
+    def check(self, step: int) -> bool:
+        bad = int(self.accelerator.reduce(self.count, reduction="sum"))
+        if bad:
+            checkpoints = self.checkpoints()
+            resume_hint = (f"the last checkpoint, {checkpoints[-1]}, predates them" if checkpoints
+                           else "no checkpoint was saved before them")
+            self.message = (
+                f"{self.prog}: error: the loss was NaN or infinite {bad} time(s) between steps "
+                f"{self.checked_step + 1} and {step}; stopped without saving anything trained on them "
+                f"({resume_hint}). Start a new --output_dir with a lower --learning_rate, or --max_grad_norm 1.0"
+                + (", or --mixed_precision no" if self.accelerator.mixed_precision != "no" else "") + "."
+            )
+        self.checked_step = step
+        return self.stopped
 
 
 def leave(accelerator) -> None:

@@ -226,6 +226,37 @@ def test_resume_with_persistent_workers_is_bit_identical(tmp_path, monkeypatch, 
     assert order[:4] != order[4:8], "the epochs should be shuffled differently"
 
 
+def poison_training_step(monkeypatch, model_class, step: int) -> None:
+    """Make the loss of training forward number `step` NaN (its backward then spoils every weight)."""
+    original, calls = model_class.forward, {"count": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls["count"] += 1
+            if calls["count"] == step:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(model_class, "forward", forward)
+
+
+def test_a_nan_loss_stops_the_run_before_anything_trained_on_it_is_saved(tmp_path, monkeypatch):
+    from apc_seg import APCForSemanticSegmentation
+
+    poison_training_step(monkeypatch, APCForSemanticSegmentation, step=3)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as error:  # looks at steps 2 (checkpoint) and 4 (log, checkpoint): stops at 4
+        train.main(TINY + ["--max_train_steps", "8", "--logging_steps", "4", "--checkpointing_steps", "2",
+                           "--eval_steps", "100", "--report_to", "none", "--output_dir", str(out)])
+    message = str(error.value.code)
+    # Step 3's update spoilt the weights, so step 4's loss is NaN too.
+    assert message.startswith("apc-train: error: the loss was NaN or infinite 2 time(s) between steps 3 and 4")
+    assert str(out / "checkpoints" / "step_2") in message and "--learning_rate" in message
+    assert [p.name for p in train.list_checkpoints(out)] == ["step_2"]  # step 4's weights were never saved
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
+
+
 def test_checkpoints_total_limit_keeps_the_newest_complete_ones(tmp_path):
     out = tmp_path / "run"
     assert train.main(TINY + ["--output_dir", str(out), "--max_train_steps", "5", "--checkpointing_steps", "1",
