@@ -27,6 +27,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (e.g. a worker count, where 0 means "in this process")."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def parse_scales(text: str) -> tuple[float, ...]:
     """`"1.0,1.25,1.5"` -> `(1.0, 1.25, 1.5)`; raises `ValueError` naming the flag and the offending text."""
     try:

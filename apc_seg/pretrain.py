@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .cli import OneLineParser, positive_int
+from .cli import OneLineParser, non_negative_int, positive_int
 
 def _synthetic_backbone() -> dict[str, Any]:
     """The synthetic recipe's tiny ViT: the one apc-train trains on, defined once in its RECIPES."""
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Synthetic only: images generated (the same as apc-train's train split for the seed).")
     g.add_argument("--image_size", type=positive_int, default=None,
                    help="Training crop (a multiple of the patch size). Default: the backbone's image_size.")
-    g.add_argument("--num_workers", type=int, default=0)
+    g.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader workers (persistent).")
     g.add_argument("--skip_bad_images", action="store_true")
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path", default=None,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .cli import OneLineParser, positive_int
+from .cli import OneLineParser, non_negative_int, positive_int
 
 RECIPES: dict[str, dict[str, Any]] = {
     # ToCo/APC VOC setting: train_aug, 448 crops, global batch 8, 20k steps, 1.5k warm-up, bf16 on GPU.
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_train_images", type=positive_int, help="Synthetic only: images generated for train.")
     g.add_argument("--num_val_images", type=positive_int, help="Synthetic only: images generated for val.")
     g.add_argument("--crop_size", type=positive_int, help="Training crop (a multiple of the patch size).")
-    g.add_argument("--num_workers", type=int, help="DataLoader workers per process.")
+    g.add_argument("--num_workers", type=non_negative_int,
+                   help="DataLoader workers per process (persistent; validation decodes with as many).")
     g.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images with a warning.")
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path",
@@ -595,9 +596,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     accelerator.wait_for_everyone()
     if val_result is None:  # resumed at or past the last step
         average_batchnorm_statistics(unwrapped, accelerator)
-        val_result = evaluate(unwrapped, val_set, accelerator=accelerator, max_images=args.eval_max_images)
+        val_result = evaluate(unwrapped, val_set, accelerator=accelerator, max_images=args.eval_max_images,
+                              num_workers=args.num_workers)
     pseudo_result = evaluate(unwrapped, train_set, mode="pseudo", accelerator=accelerator,
-                             max_images=args.pseudo_eval_max_images)
+                             max_images=args.pseudo_eval_max_images, num_workers=args.num_workers)
     status = 0
     if accelerator.is_main_process:
         status = finish(args, unwrapped, output_dir, class_names, val_result, pseudo_result, state, global_step,
@@ -724,7 +726,8 @@ def validate(accelerator, model, val_set, args, output_dir: Path, step: int, sta
     from .evaluation import evaluate
 
     average_batchnorm_statistics(model, accelerator)
-    result = evaluate(model, val_set, accelerator=accelerator, max_images=args.eval_max_images)
+    result = evaluate(model, val_set, accelerator=accelerator, max_images=args.eval_max_images,
+                      num_workers=args.num_workers)
     accelerator.log({"val/miou": result["miou"]}, step=step)
     state["history"].append({"step": step, "val_miou": result["miou"]})
     progress.write(f"step {step}: val mIoU {100 * result['miou']:.2f}")

@@ -267,3 +267,16 @@ def test_apc_eval_on_two_cpu_processes_gathers_the_single_process_result(saved_m
     two = json.loads((tmp_path / "two.json").read_text())
     assert sum(v is not None and v > 0 for v in one["per_class_iou"]) >= 3, "a degenerate model proves little"
     assert two == one  # the confusion matrices of the two halves add up to the whole one
+
+
+@pytest.mark.parametrize("crf", [False, True])
+def test_worker_processes_give_the_same_result_as_one_process(tiny_model, crf):
+    # Decoding in DataLoader workers and, with the CRF, refining in a process pool (results may come back in any
+    # order): the confusion matrix must be exactly the one-process one.
+    if crf:
+        pytest.importorskip("pydensecrf.densecrf")
+    dataset = [example(21, 27, 3), example(21, 27, 4), example(30, 18, 5), example(21, 27, 6), example(16, 16, 7)]
+    serial = evaluate(tiny_model, dataset, crf=crf, batch_size=2)
+    parallel = evaluate(tiny_model, dataset, crf=crf, batch_size=2, num_workers=2)
+    assert parallel == serial  # every figure comes from the confusion matrix, so equal counts give equal dicts
+    assert parallel["num_pixels"] == sum(int((np.array(ex["mask"]) != 255).sum()) for ex in dataset)  # all scored
