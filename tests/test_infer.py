@@ -173,3 +173,18 @@ def test_examples_quickstart_predicts_and_saves_an_overlay(model_dir, tmp_path, 
     runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
     assert Image.open(out).mode == "RGB"
     assert "Saved" in capsys.readouterr().out
+
+
+def test_crf_in_worker_processes_writes_the_same_files_in_input_order(model_dir, tmp_path, capsys):
+    pytest.importorskip("pydensecrf.densecrf")
+    photos = write_images(tmp_path / "photos", [(37, 45), (24, 24), (30, 20), (41, 33), (24, 40), (16, 16)])
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    printed = {}
+    for out, workers in ((serial, "0"), (parallel, "2")):
+        assert main(["--model", str(model_dir), str(tmp_path / "photos"), "--output_dir", str(out), "--crf",
+                     "--num_workers", workers]) == 0
+        printed[workers] = [line.split(" -> ")[0] for line in capsys.readouterr().out.splitlines() if " -> " in line]
+    assert printed["2"] == printed["0"] == [str(p) for p in sorted(photos)]  # 2 per worker waiting: all 6 queued
+    for photo in photos:
+        for suffix in (".png", "_overlay.png"):
+            assert (parallel / f"{photo.stem}{suffix}").read_bytes() == (serial / f"{photo.stem}{suffix}").read_bytes()
