@@ -156,9 +156,11 @@ def evaluate(
     metric = StreamingConfusionMatrix(num_labels, device=device)
     was_training = model.training
     model.eval()
-    # batch_size=None: the loader hands over single samples, in order; equal sizes are batched here.
+    # batch_size=None: the loader hands over single samples, in order; equal sizes are batched here. Its own
+    # generator: a loader without one draws its workers' seed from the global RNG, and validation would then change
+    # the training run's dropout and PCL sampling.
     samples = torch.utils.data.DataLoader(_EvalSamples(dataset, indices, transform, keep_image=crf), batch_size=None,
-                                          num_workers=num_workers)
+                                          num_workers=num_workers, generator=torch.Generator())
     # The dense CRF (about 0.75 s per VOC image on one core, 18 minutes for VOC val) runs in worker processes while
     # the model goes on; the confusion matrix is a sum, so the order results come back in does not matter.
     crf_pool = concurrent.futures.ProcessPoolExecutor(num_workers) if crf and num_workers > 0 else None

@@ -280,3 +280,10 @@ def test_worker_processes_give_the_same_result_as_one_process(tiny_model, crf):
     parallel = evaluate(tiny_model, dataset, crf=crf, batch_size=2, num_workers=2)
     assert parallel == serial  # every figure comes from the confusion matrix, so equal counts give equal dicts
     assert parallel["num_pixels"] == sum(int((np.array(ex["mask"]) != 255).sum()) for ex in dataset)  # all scored
+
+
+def test_evaluation_leaves_the_global_rng_alone(tiny_model):
+    # apc-train validates in the middle of a run: the run's dropout and PCL draws must not depend on --eval_steps.
+    state = torch.get_rng_state()
+    evaluate(tiny_model, [example(21, 27, 3), example(21, 27, 4)], num_workers=1)
+    assert torch.equal(torch.get_rng_state(), state)
