@@ -96,8 +96,9 @@ class _EvalSamples(torch.utils.data.Dataset):
         example = self.dataset[self.indices[i]]
         sample = self.transform.apply(example["image"], example["mask"])
         sample["class_labels"] = example["class_labels"]
-        # The CRF's pairwise term needs the RGB image; kept only then (uint8, H x W x 3).
-        sample["image"] = np.array(example["image"].convert("RGB")) if self.keep_image else None
+        # The CRF's pairwise term needs the RGB image; kept only then (as PIL: the loader would make an array a
+        # tensor, which then travels to the CRF processes through shared-memory files).
+        sample["image"] = example["image"].convert("RGB") if self.keep_image else None
         return sample
 
 
