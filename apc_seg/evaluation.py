@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .cli import OneLineParser, non_negative_int, prediction_flags
 from .data.transforms import EvalTransform, class_labels_to_multi_hot
@@ -128,6 +129,7 @@ def evaluate(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     num_workers: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """mIoU of `model` on a dataset in the apc-seg schema (rows with `image`, `mask`, `class_labels`).
 
@@ -142,6 +144,7 @@ def evaluate(
         num_workers: DataLoader workers that decode and normalise the images while the model runs (on a GPU the
             main process alone decodes slower than the model predicts), and with `crf` as many processes for the
             dense CRF. The result does not depend on it (tested).
+        progress: show a progress bar of the images scored (by this process).
 
     Returns:
         `apc_seg.metrics.miou_from_confusion` output (`miou`, `per_class_iou`, `pixel_accuracy`, ...).
@@ -166,6 +169,12 @@ def evaluate(
     # the model goes on; the confusion matrix is a sum, so the order results come back in does not matter.
     crf_pool = concurrent.futures.ProcessPoolExecutor(num_workers) if crf and num_workers > 0 else None
     pending: set = set()
+    bar = tqdm(total=len(indices), desc="apc-eval", unit="image", disable=not progress)
+
+    def score(pred, target):
+        metric.update(pred, target)
+        bar.update(1 if pred.dim() == 2 else len(pred))
+
     try:
         for batch in _same_size_batches(samples, batch_size):
             pixel_values = torch.stack([s["pixel_values"] for s in batch]).to(device)
@@ -173,15 +182,15 @@ def evaluate(
             if mode == "pseudo":
                 class_labels = torch.stack([class_labels_to_multi_hot(s["class_labels"], num_labels) for s in batch])
                 pred = predict_pseudo_labels(model, pixel_values, class_labels.to(device))
-                metric.update(pred.masked_fill(pred == 255, 0), targets)
+                score(pred.masked_fill(pred == 255, 0), targets)
             elif not crf:
                 probs = predict_probabilities(model, pixel_values, scales, flip)
-                metric.update(probs.max(dim=1).indices, targets)  # = argmax(1), 3x faster on a CPU
+                score(probs.max(dim=1).indices, targets)  # = argmax(1), 3x faster on a CPU
             else:
                 probs = predict_probabilities(model, pixel_values, scales, flip).cpu().numpy()
                 for sample, image_probs, target in zip(batch, probs, targets):
                     if crf_pool is None:
-                        metric.update(torch.from_numpy(crf_labels(sample["image"], image_probs)), target)
+                        score(torch.from_numpy(crf_labels(sample["image"], image_probs)), target)
                         continue
                     future = crf_pool.submit(crf_labels, sample["image"], image_probs)
                     future.target = target
@@ -189,10 +198,11 @@ def evaluate(
                 while len(pending) > 2 * num_workers:  # bounded: each holds a C x H x W probability map
                     done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
                     for future in done:
-                        metric.update(torch.from_numpy(future.result()), future.target)
+                        score(torch.from_numpy(future.result()), future.target)
         for future in concurrent.futures.as_completed(pending):
-            metric.update(torch.from_numpy(future.result()), future.target)
+            score(torch.from_numpy(future.result()), future.target)
     finally:
+        bar.close()
         if crf_pool is not None:
             crf_pool.shutdown(cancel_futures=True)
     if was_training:
@@ -286,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--model {args.model}: {str(error).splitlines()[0]}")
     result = evaluate(model, dataset, mode=args.mode, scales=scales, flip=args.flip, crf=args.crf,
                       batch_size=args.batch_size, accelerator=accelerator, max_images=args.max_images,
-                      num_workers=args.num_workers)
+                      num_workers=args.num_workers, progress=accelerator.is_local_main_process)
     if accelerator.is_main_process:
         print(format_iou_table(result))
         if args.output_json:

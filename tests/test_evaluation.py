@@ -217,8 +217,9 @@ def test_apc_eval_writes_the_json_and_table(saved_model, tmp_path, capsys):
     for key in ("miou", "per_class_iou", "pixel_accuracy"):
         assert key in result
     assert len(result["per_class_iou"]) == 4 and 0 <= result["miou"] <= 1
-    table = capsys.readouterr().out
-    assert "mIoU" in table and "stripes" in table
+    printed = capsys.readouterr()
+    assert "mIoU" in printed.out and "stripes" in printed.out
+    assert "8/8" in printed.err  # the progress bar (on stderr) counted every image
 
 
 @pytest.mark.parametrize(
