@@ -618,10 +618,12 @@ class NonFiniteLossGuard:
     reads it (summed over processes) where the loop syncs anyway. On a hit, `check` returns True and `message` says
     which steps, that the checkpoints and model on disk predate them, and what to change. The update of a bad step
     has already been applied (skipping it would cost a sync per step), so the run cannot go on from memory.
+    Off under fp16, whose gradient scaler skips the update of a step with non-finite gradients and goes on.
     """
 
     def __init__(self, accelerator, prog: str, step: int, checkpoints: Callable[[], list[Path]]):
         self.accelerator, self.prog, self.checkpoints = accelerator, prog, checkpoints
+        self.enabled = accelerator.mixed_precision != "fp16"
         self.count = torch.zeros((), dtype=torch.int64, device=accelerator.device)
         self.checked_step = step
         self.message = None
@@ -631,10 +633,11 @@ class NonFiniteLossGuard:
         return self.message is not None
 
     def update(self, loss: torch.Tensor) -> None:
-        self.count += ~torch.isfinite(loss.detach())
+        if self.enabled:
+            self.count += ~torch.isfinite(loss.detach())
 
     def check(self, step: int) -> bool:
-        bad = int(self.accelerator.reduce(self.count, reduction="sum"))
+        bad = int(self.accelerator.reduce(self.count, reduction="sum")) if self.enabled else 0
         if bad:
             checkpoints = self.checkpoints()
             resume_hint = (f"the last checkpoint, {checkpoints[-1]}, predates them" if checkpoints
