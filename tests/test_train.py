@@ -257,6 +257,21 @@ def test_a_nan_loss_stops_the_run_before_anything_trained_on_it_is_saved(tmp_pat
     assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("precision, stops", [("bf16", True), ("no", True), ("fp16", False)])
+def test_nan_guard_defers_to_fp16s_gradient_scaler(precision, stops):
+    # fp16's scaler skips an overflowing step and goes on; elsewhere the update already spoilt the weights.
+    from types import SimpleNamespace
+
+    accelerator = SimpleNamespace(mixed_precision=precision, device=torch.device("cpu"),
+                                  reduce=lambda tensor, reduction: tensor)
+    guard = train.NonFiniteLossGuard(accelerator, "apc-train", 0, lambda: [])
+    guard.update(torch.tensor(1.0))
+    assert not guard.check(10)
+    guard.update(torch.tensor(float("inf")))
+    assert guard.check(20) == stops
+    assert stops == (guard.message is not None and "between steps 11 and 20" in guard.message)
+
+
 def test_checkpoints_total_limit_keeps_the_newest_complete_ones(tmp_path):
     out = tmp_path / "run"
     assert train.main(TINY + ["--output_dir", str(out), "--max_train_steps", "5", "--checkpointing_steps", "1",
