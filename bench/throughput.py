@@ -34,6 +34,8 @@ from apc_seg.labels import VOC_CLASSES  # noqa: E402
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
 VOC_STEPS, VOC_BATCH, COCO_STEPS = 20_000, 8, 80_000
+VOC_IMAGE_SIZE = (375, 500)  # height, width of most VOC photos
+VOC_VALIDATION_IMAGES = 10 * 1_449 + 500  # the VOC recipe: val every 2k of 20k steps, then 500 pseudo-label images
 
 
 def default_peak(device: torch.device) -> float | None:
@@ -148,6 +150,39 @@ class OperatorCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def measure_validation(args) -> dict:
+    """Images/s of `evaluate` (apc-train's validation: full images, decoding in workers) with the fast model.
+
+    Random JPEG-decoded photos of VOC's usual size stand in for VOC val (decode and model cost depend on the size, not
+    the content); the projection counts VOC's 10 validations of 1,449 images plus the 500-image pseudo-label score
+    (at the same rate, though PAR makes those slower).
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from apc_seg.evaluation import evaluate
+
+    device = torch.device(args.device)
+    model = build(args.small, True, args.crop_size, args.max_classes).to(device)
+    rng = np.random.default_rng(0)
+    dataset = []
+    for _ in range(args.eval_images):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (*VOC_IMAGE_SIZE, 3), dtype=np.uint8)).save(buffer, "JPEG")
+        mask = Image.fromarray(rng.integers(0, 21, VOC_IMAGE_SIZE, dtype=np.uint8))
+        dataset.append({"image": Image.open(io.BytesIO(buffer.getvalue())), "mask": mask, "class_labels": [1]})
+    use_bf16 = device.type != "cpu" or args.cpu_bf16
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):  # as accelerate's wrapped forward
+        evaluate(model, dataset[:8], num_workers=args.eval_workers)  # warm-up
+        start = time.perf_counter()
+        evaluate(model, dataset, num_workers=args.eval_workers)
+        seconds = time.perf_counter() - start
+    rate = args.eval_images / seconds
+    return {"images_per_s": rate, "voc_minutes": VOC_VALIDATION_IMAGES / rate / 60}
+
+
 def count_syncs(step) -> int:
     """Host-device synchronisations in one step (CUDA), as reported by torch's sync debug mode."""
     import warnings
@@ -199,6 +234,10 @@ def main(argv=None) -> int:
                              "any device, e.g. to count the GPU schedule's operators on a CPU or time the loop on "
                              "a GPU.")
     parser.add_argument("--profile", action="store_true", help="Print a profile of the fast step.")
+    parser.add_argument("--eval_images", type=int, default=0,
+                        help="Also time apc-train's validation (evaluate) on this many random VOC-sized images and "
+                             "add the VOC recipe's validation to the projection (e.g. 64; 0 = off).")
+    parser.add_argument("--eval_workers", type=int, default=8, help="Decoding workers of that validation.")
     parser.add_argument("--json", help="Also write the rows to this file.")
     args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (2 if args.small else VOC_BATCH)
@@ -232,9 +271,16 @@ def main(argv=None) -> int:
     print(f"Projected training time at {best['name']} speed: VOC recipe ({VOC_STEPS} steps x {VOC_BATCH}) "
           f"{voc_minutes:.1f} min; COCO recipe ({COCO_STEPS} steps x {VOC_BATCH}) {coco_minutes:.1f} min "
           "(steps only; validation and data loading not included).")
+    validation = measure_validation(args) if args.eval_images else None
+    if validation:
+        print(f"Validation: {validation['images_per_s']:.1f} images/s ({args.eval_images} random "
+              f"{VOC_IMAGE_SIZE[0]}x{VOC_IMAGE_SIZE[1]} images, {args.eval_workers} workers); the VOC recipe's "
+              f"{VOC_VALIDATION_IMAGES} images add {validation['voc_minutes']:.1f} min: "
+              f"{voc_minutes + validation['voc_minutes']:.1f} min in all.")
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hardware, "torch": torch.__version__, "rows": rows,
-                                               "voc_minutes": voc_minutes, "coco_minutes": coco_minutes}, indent=2))
+                                               "voc_minutes": voc_minutes, "coco_minutes": coco_minutes,
+                                               "validation": validation}, indent=2))
     return 0
 
 
