@@ -384,10 +384,11 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         epoch += 1
     progress.close()
     if nonfinite.stopped:
+        is_main_process = accelerator.is_main_process  # the message is printed once
         accelerator.wait_for_everyone()
         del model
         leave(accelerator)
-        raise SystemExit(nonfinite.message)
+        raise SystemExit(nonfinite.message if is_main_process else 1)
 
     accelerator.wait_for_everyone()
     metrics = {"final_loss": history[-1]["loss"] if history else None, "train_steps": global_step,

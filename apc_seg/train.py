@@ -17,7 +17,9 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -536,61 +538,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     val_result = None  # of the final step, when the loop evaluated it
     nonfinite = NonFiniteLossGuard(accelerator, "apc-train", global_step, lambda: list_checkpoints(output_dir))
     model.train()
-    epoch = global_step // updates_per_epoch
-    while global_step < args.max_train_steps and not nonfinite.stopped:
-        transform.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        loader = train_loader
-        skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
-        if skip:  # resuming mid-epoch: the sampler replays this epoch's order, minus the batches already seen
-            loader = accelerator.skip_first_batches(train_loader, skip)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                out = model(pixel_values=batch["pixel_values"], class_labels=batch["class_labels"],
-                            use_seg_loss=global_step >= args.seg_warmup_steps)
-                accelerator.backward(out.loss)
-                nonfinite.update(out.loss)
-                if args.max_grad_norm and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            images_seen += batch["pixel_values"].shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            # The host reads the device at logging, validation, checkpoints and the end; first it checks that no
-            # step since the last look had a NaN or infinite loss, so nothing trained on one is ever saved.
-            if any(global_step % every == 0 for every in (args.logging_steps, args.eval_steps,
-                                                          args.checkpointing_steps)) or \
-                    global_step >= args.max_train_steps:
-                if nonfinite.check(global_step):
+    with StopOnSignal(accelerator) as stop:  # from its end on, a signal acts as usual again
+        epoch = global_step // updates_per_epoch
+        while global_step < args.max_train_steps and not nonfinite.stopped and not stop.stopped:
+            transform.set_epoch(epoch)
+            train_loader.set_epoch(epoch)
+            loader = train_loader
+            skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
+            if skip:  # resuming mid-epoch: the sampler replays this epoch's order, minus the batches already seen
+                loader = accelerator.skip_first_batches(train_loader, skip)
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    out = model(pixel_values=batch["pixel_values"], class_labels=batch["class_labels"],
+                                use_seg_loss=global_step >= args.seg_warmup_steps)
+                    accelerator.backward(out.loss)
+                    nonfinite.update(out.loss)
+                    if args.max_grad_norm and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                images_seen += batch["pixel_values"].shape[0] * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
+                # The host reads the device at logging, validation, checkpoints and the end; first it checks that no
+                # step since the last look had a NaN or infinite loss, so nothing trained on one is ever saved.
+                looks = any(global_step % every == 0 for every in (args.logging_steps, args.eval_steps,
+                                                                   args.checkpointing_steps))
+                if (looks or global_step >= args.max_train_steps) and nonfinite.check(global_step):
                     break
-            if global_step % args.logging_steps == 0:  # the only host-device syncs of the loop
-                elapsed = time.time() - window_start
-                logs = {f"loss/{k}": v.item() for k, v in out.loss_terms.items()}
-                logs.update({"loss/total": out.loss.item(), "lr": scheduler.get_last_lr()[-1],
-                             "images_per_second": images_seen / max(elapsed, 1e-9)})
-                progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()})
-                accelerator.log(logs, step=global_step)
-                images_seen, window_start = 0, time.time()
-            if global_step % args.eval_steps == 0 or global_step == args.max_train_steps:
-                val_result = validate(accelerator, unwrapped, val_set, args, output_dir, global_step, state, progress)
-                model.train()
-            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                state["train_seconds"] = seconds_before + time.time() - start_time
-                save_checkpoint(accelerator, output_dir, global_step, fingerprint, state, args.checkpoints_total_limit)
-            if global_step >= args.max_train_steps:
-                break
-        epoch += 1
+                if global_step % args.logging_steps == 0:  # the only host-device syncs of the loop
+                    elapsed = time.time() - window_start
+                    logs = {f"loss/{k}": v.item() for k, v in out.loss_terms.items()}
+                    logs.update({"loss/total": out.loss.item(), "lr": scheduler.get_last_lr()[-1],
+                                 "images_per_second": images_seen / max(elapsed, 1e-9)})
+                    progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()})
+                    accelerator.log(logs, step=global_step)
+                    images_seen, window_start = 0, time.time()
+                if global_step % args.eval_steps == 0 or global_step == args.max_train_steps:
+                    val_result = validate(accelerator, unwrapped, val_set, args, output_dir, global_step, state,
+                                          progress)
+                    model.train()
+                if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+                    state["train_seconds"] = seconds_before + time.time() - start_time
+                    save_checkpoint(accelerator, output_dir, global_step, fingerprint, state,
+                                    args.checkpoints_total_limit)
+                if global_step >= args.max_train_steps or stop.check(looks):
+                    break
+            epoch += 1
     progress.close()
     train_seconds = seconds_before + time.time() - start_time
+    is_main_process = accelerator.is_main_process  # the messages below are printed once
     if nonfinite.stopped:
         accelerator.wait_for_everyone()
         del model
         leave(accelerator)
-        raise SystemExit(nonfinite.message)
+        raise SystemExit(nonfinite.message if is_main_process else 1)
+    if stop.stopped:
+        if global_step % args.checkpointing_steps:  # else the loop has just saved this step
+            state["train_seconds"] = train_seconds
+            save_checkpoint(accelerator, output_dir, global_step, fingerprint, state, args.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
+        del model
+        leave(accelerator)
+        if is_main_process:
+            print(f"apc-train: stopped by {stop.name} after step {global_step} of {args.max_train_steps}; saved "
+                  f"{output_dir / 'checkpoints' / f'step_{global_step}'}. To go on, run the same command with "
+                  "--resume_from_checkpoint latest.", file=sys.stderr)
+        raise SystemExit(128 + stop.signum)
 
     # Final model, metrics and card
     accelerator.wait_for_everyone()
@@ -609,6 +626,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     del model  # the DDP wrapper; `leave` releases the accelerator's reference
     leave(accelerator)
     return status
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or a scheduler's notice (SIGTERM, e.g. SLURM before preemption) ends the run cleanly.
+
+    The handler only records the signal; the loop finishes the optimiser step it is in, saves a checkpoint there and
+    exits with status 128 + signal, so `--resume_from_checkpoint latest` goes on exactly as if nothing had happened.
+    With several processes they must stop at the same step (saving is collective), so they compare flags only where
+    the loop syncs anyway (logging, validation, checkpoints): at most `--logging_steps` steps later. A second signal
+    acts as usual (a second Ctrl-C interrupts at once).
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.signum = None  # as received by this process
+        self.stopped = False
+        self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._receive)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _receive(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous[signum])
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGTERM).name
+
+    def check(self, at_sync_point: bool) -> bool:
+        """Whether to stop after this step (True on every process alike)."""
+        if self.accelerator.num_processes == 1:
+            self.stopped = self.signum is not None
+        elif at_sync_point:
+            flag = torch.tensor(float(self.signum is not None), device=self.accelerator.device)
+            self.stopped = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+        if self.stopped and self.signum is None:  # a peer process was signalled
+            self.signum = signal.SIGTERM
+        return self.stopped
 
 
 class NonFiniteLossGuard:

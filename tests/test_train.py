@@ -4,6 +4,7 @@ processes, the Hub push path and one-line CLI errors."""
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -270,6 +271,38 @@ def test_nan_guard_defers_to_fp16s_gradient_scaler(precision, stops):
     guard.update(torch.tensor(float("inf")))
     assert guard.check(20) == stops
     assert stops == (guard.message is not None and "between steps 11 and 20" in guard.message)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(signum, tmp_path, monkeypatch, capsys):
+    # Ctrl-C or a scheduler's SIGTERM during training forward 4: step 4 finishes, is saved, the run exits 128 + signal,
+    # and resuming it ends with the straight run's weights. Afterwards the usual handlers are back.
+    from apc_seg import APCForSemanticSegmentation
+
+    run = TINY + ["--max_train_steps", "7", "--eval_steps", "100", "--report_to", "none"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train.main(run + ["--output_dir", str(straight)]) == 0
+    original, calls = APCForSemanticSegmentation.forward, {"count": 0}
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            calls["count"] += 1
+            if calls["count"] == 4:
+                os.kill(os.getpid(), signum)
+        return original(self, *args, **kwargs)
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        patch.setattr(APCForSemanticSegmentation, "forward", forward)
+        with pytest.raises(SystemExit) as error:
+            train.main(run + ["--output_dir", str(stopped)])
+    assert error.value.code == 128 + signum
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert f"stopped by {signal.Signals(signum).name} after step 4 of 7" in capsys.readouterr().err
+    assert [p.name for p in train.list_checkpoints(stopped)] == ["step_4"]
+    assert not (stopped / "model.safetensors").exists()
+    assert train.main(run + ["--output_dir", str(stopped), "--resume_from_checkpoint", "latest"]) == 0
+    assert_same_weights(straight, stopped)
 
 
 def test_checkpoints_total_limit_keeps_the_newest_complete_ones(tmp_path):
