@@ -458,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   set_seed)
     from tqdm.auto import tqdm
 
-    from .data.transforms import TrainTransform, collate_fn
+    from .data.transforms import TrainTransform, collate_fn, ignore_interrupts
     from .evaluation import evaluate, launched_without_gpus
     from .image_processing_apc import APCImageProcessor
 
@@ -494,6 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_set.with_transform(transform), batch_size=args.per_device_train_batch_size, shuffle=True,
         drop_last=True, num_workers=args.num_workers, collate_fn=partial(collate_fn, num_labels=num_labels),
         pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
+        worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle (StopOnSignal)
         # Its own generator: without one, every new iterator (each epoch, and the resumed one) draws the workers'
         # base seed from the global RNG, and a mid-epoch resume would then see other dropout and PCL draws.
         generator=torch.Generator().manual_seed(args.seed),
@@ -547,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
             if skip:  # resuming mid-epoch: the sampler replays this epoch's order, minus the batches already seen
                 loader = accelerator.skip_first_batches(train_loader, skip)
-            for batch in loader:
+            for batch in stop.batches(loader):
                 with accelerator.accumulate(model):
                     out = model(pixel_values=batch["pixel_values"], class_labels=batch["class_labels"],
                                 use_seg_loss=global_step >= args.seg_warmup_steps)
@@ -636,6 +637,11 @@ class StopOnSignal:
     With several processes they must stop at the same step (saving is collective), so they compare flags only where
     the loop syncs anyway (logging, validation, checkpoints): at most `--logging_steps` steps later. A second signal
     acts as usual (a second Ctrl-C interrupts at once).
+
+    A SIGTERM sent to every process (a cluster's, or `kill -TERM -PGID`) also ends the DataLoader workers. Their
+    deaths must not raise in the middle of a step or a save (the DataLoader's SIGCHLD check does that), so it is
+    switched off once the signal has come; and when the loop then runs out of batches (`batches`), one process stops
+    at its last completed step. Several processes cannot agree on a step without batches, so they fail as before.
     """
 
     def __init__(self, accelerator):
@@ -651,13 +657,32 @@ class StopOnSignal:
         return self
 
     def __exit__(self, *exc) -> None:
+        # SIGCHLD stays off after a stop: the run is ending, and workers that die late would still raise in the save.
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            if signum != signal.SIGCHLD:
+                signal.signal(signum, handler)
         self._previous = {}
 
     def _receive(self, signum, frame) -> None:
         self.signum = signum
         signal.signal(signum, self._previous[signum])
+        if signal.SIGCHLD not in self._previous:
+            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def batches(self, loader):
+        """`loader`'s batches; after a stop signal, a DataLoader whose workers died of it ends the epoch instead."""
+        iterator = iter(loader)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError:  # "DataLoader worker (pid ...) exited unexpectedly"
+                if self.signum is None or self.accelerator.num_processes > 1:
+                    raise
+                self.stopped = True
+                return
+            yield batch
 
     @property
     def name(self) -> str:

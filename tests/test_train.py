@@ -273,13 +273,17 @@ def test_nan_guard_defers_to_fp16s_gradient_scaler(precision, stops):
     assert stops == (guard.message is not None and "between steps 11 and 20" in guard.message)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(signum, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGTERM, 2)])
+def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(signum, workers, tmp_path, monkeypatch,
+                                                                          capsys):
     # Ctrl-C or a scheduler's SIGTERM during training forward 4: step 4 finishes, is saved, the run exits 128 + signal,
-    # and resuming it ends with the straight run's weights. Afterwards the usual handlers are back.
+    # and resuming it ends with the straight run's weights. Afterwards the usual handlers are back. With workers the
+    # signal reaches them too, as it does from a terminal or a cluster (the whole process group).
+    import psutil
+
     from apc_seg import APCForSemanticSegmentation
 
-    run = TINY + ["--max_train_steps", "7", "--eval_steps", "100", "--report_to", "none"]
+    run = TINY + ["--max_train_steps", "7", "--eval_steps", "100", "--report_to", "none", "--num_workers", str(workers)]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert train.main(run + ["--output_dir", str(straight)]) == 0
     original, calls = APCForSemanticSegmentation.forward, {"count": 0}
@@ -288,6 +292,9 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(signum
         if self.training:
             calls["count"] += 1
             if calls["count"] == 4:
+                for child in psutil.Process().children():
+                    if child.name() == "pt_data_worker":
+                        os.kill(child.pid, signum)
                 os.kill(os.getpid(), signum)
         return original(self, *args, **kwargs)
 

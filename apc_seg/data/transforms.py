@@ -15,6 +15,7 @@ DataLoader workers see it, persistent ones (``persistent_workers=True``) include
 
 from __future__ import annotations
 
+import signal
 import zlib
 from typing import Sequence
 
@@ -46,6 +47,16 @@ def sample_rng(seed: int, epoch: int, key: int | str) -> np.random.Generator:
     if isinstance(key, str):
         key = zlib.crc32(key.encode())  # stable across processes, unlike hash()
     return np.random.default_rng([int(seed), int(epoch), int(key)])
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGINT.
+
+    Ctrl-C reaches the terminal's whole process group; apc-train's main process turns it into a checkpoint and a
+    clean stop (``train.StopOnSignal``) and still needs batches until the step ends, while a worker left alone would
+    exit on it. SIGTERM keeps its default: the DataLoader and multiprocessing stop workers with it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _normalise(image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
