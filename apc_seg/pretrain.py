@@ -266,7 +266,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from .train import NonFiniteLossGuard, leave
+    from .data.transforms import ignore_interrupts
+    from .train import NonFiniteLossGuard, StopOnSignal, leave
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -294,7 +295,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(
         images.with_transform(transform), batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
         num_workers=args.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
-        persistent_workers=args.num_workers > 0,
+        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_interrupts,
         generator=torch.Generator().manual_seed(args.seed),
     )
     if len(loader) == 0:
@@ -338,50 +339,54 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time()
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
     nonfinite = NonFiniteLossGuard(accelerator, "apc-pretrain", global_step, lambda: list_checkpoints(output_dir))
+
+    def save_checkpoint():
+        path = output_dir / "checkpoints" / f"step_{global_step}"
+        accelerator.save_state(str(path))
+        if accelerator.is_main_process:
+            (path / "mae_run.json").write_text(json.dumps(
+                {"step": global_step, "fingerprint": fingerprint, "history": history}, indent=2))
+            for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
     model.train()
-    epoch = global_step // updates_per_epoch
-    while global_step < args.max_train_steps and not nonfinite.stopped:
-        transform.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        batches = loader
-        skip = global_step - epoch * updates_per_epoch
-        if skip:  # mid-epoch resume: the seedable sampler replays this epoch's order minus the batches done
-            batches = accelerator.skip_first_batches(loader, skip)
-        for batch in batches:
-            # Masking noise comes from the global torch RNG, which save_state/load_state restore exactly.
-            loss = model(pixel_values=batch["pixel_values"]).loss
-            accelerator.backward(loss)
-            nonfinite.update(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            progress.update(1)
-            loss_sum += loss.detach()
-            loss_count += 1
-            if global_step % args.logging_steps == 0 or global_step % args.checkpointing_steps == 0 or \
-                    global_step >= args.max_train_steps:  # where the host reads the device anyway
-                if nonfinite.check(global_step):
+    with StopOnSignal(accelerator) as stop:  # Ctrl-C / SIGTERM: finish the step, save it, exit (as apc-train)
+        epoch = global_step // updates_per_epoch
+        while global_step < args.max_train_steps and not nonfinite.stopped and not stop.stopped:
+            transform.set_epoch(epoch)
+            loader.set_epoch(epoch)
+            batches = loader
+            skip = global_step - epoch * updates_per_epoch
+            if skip:  # mid-epoch resume: the seedable sampler replays this epoch's order minus the batches done
+                batches = accelerator.skip_first_batches(loader, skip)
+            for batch in stop.batches(batches):
+                # Masking noise comes from the global torch RNG, which save_state/load_state restore exactly.
+                loss = model(pixel_values=batch["pixel_values"]).loss
+                accelerator.backward(loss)
+                nonfinite.update(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                progress.update(1)
+                loss_sum += loss.detach()
+                loss_count += 1
+                looks = global_step % args.logging_steps == 0 or global_step % args.checkpointing_steps == 0
+                if (looks or global_step >= args.max_train_steps) and nonfinite.check(global_step):
+                    break  # the host reads the device there anyway
+                if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                    mean_loss = (loss_sum / loss_count).item()
+                    history.append({"step": global_step, "loss": mean_loss})
+                    accelerator.log({"mae/loss": mean_loss, "lr": scheduler.get_last_lr()[0]}, step=global_step)
+                    progress.set_postfix(loss=f"{mean_loss:.4f}")
+                    loss_sum.zero_()
+                    loss_count = 0
+                if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+                    save_checkpoint()
+                if global_step >= args.max_train_steps or stop.check(looks):
                     break
-            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                mean_loss = (loss_sum / loss_count).item()
-                history.append({"step": global_step, "loss": mean_loss})
-                accelerator.log({"mae/loss": mean_loss, "lr": scheduler.get_last_lr()[0]}, step=global_step)
-                progress.set_postfix(loss=f"{mean_loss:.4f}")
-                loss_sum.zero_()
-                loss_count = 0
-            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                path = output_dir / "checkpoints" / f"step_{global_step}"
-                accelerator.save_state(str(path))
-                if accelerator.is_main_process:
-                    (path / "mae_run.json").write_text(json.dumps(
-                        {"step": global_step, "fingerprint": fingerprint, "history": history}, indent=2))
-                    for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
-                        shutil.rmtree(old, ignore_errors=True)
-                accelerator.wait_for_everyone()
-            if global_step >= args.max_train_steps:
-                break
-        epoch += 1
+            epoch += 1
     progress.close()
     if nonfinite.stopped:
         is_main_process = accelerator.is_main_process  # the message is printed once
@@ -389,6 +394,16 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         del model
         leave(accelerator)
         raise SystemExit(nonfinite.message if is_main_process else 1)
+    if stop.stopped:
+        if global_step % args.checkpointing_steps:  # else the loop has just saved this step
+            save_checkpoint()
+        is_main_process = accelerator.is_main_process
+        accelerator.wait_for_everyone()
+        del model
+        leave(accelerator)
+        if is_main_process:
+            print(stop.message("apc-pretrain", global_step, args.max_train_steps, output_dir), file=sys.stderr)
+        raise SystemExit(128 + stop.signum)
 
     accelerator.wait_for_everyone()
     metrics = {"final_loss": history[-1]["loss"] if history else None, "train_steps": global_step,

@@ -605,9 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         del model
         leave(accelerator)
         if is_main_process:
-            print(f"apc-train: stopped by {stop.name} after step {global_step} of {args.max_train_steps}; saved "
-                  f"{output_dir / 'checkpoints' / f'step_{global_step}'}. To go on, run the same command with "
-                  "--resume_from_checkpoint latest.", file=sys.stderr)
+            print(stop.message("apc-train", global_step, args.max_train_steps, output_dir), file=sys.stderr)
         raise SystemExit(128 + stop.signum)
 
     # Final model, metrics and card
@@ -684,9 +682,10 @@ class StopOnSignal:
                 return
             yield batch
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum or signal.SIGTERM).name
+    def message(self, prog: str, step: int, total: int, output_dir: Path) -> str:
+        return (f"{prog}: stopped by {signal.Signals(self.signum).name} after step {step} of {total}; saved "
+                f"{output_dir / 'checkpoints' / f'step_{step}'}. To go on, run the same command with "
+                "--resume_from_checkpoint latest.")
 
     def check(self, at_sync_point: bool) -> bool:
         """Whether to stop after this step (True on every process alike)."""

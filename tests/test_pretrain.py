@@ -111,3 +111,33 @@ def test_a_nan_loss_stops_pretraining_before_anything_trained_on_it_is_saved(tmp
                                             "steps 1 and 2")  # step 1 and step 2 (on the spoilt weights)
     assert "no checkpoint was saved before them" in str(error.value.code)
     assert not (tmp_path / "mae" / "config.json").exists() and not (tmp_path / "mae" / "checkpoints").exists()
+
+
+def test_sigterm_saves_the_step_and_the_resumed_pretraining_is_bit_identical(pretrained, tmp_path, monkeypatch,
+                                                                              capsys):
+    # As apc-train: a SIGTERM during forward 3 (between the step-2 checkpoint and the end) saves step 3 and exits 143.
+    import os
+    import signal
+
+    original, calls = ViTMAEForPreTraining.forward, {"count": 0}
+
+    def forward(self, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr(ViTMAEForPreTraining, "forward", forward)
+        with pytest.raises(SystemExit) as error:
+            _run(stopped)
+    assert error.value.code == 128 + signal.SIGTERM
+    assert "apc-pretrain: stopped by SIGTERM after step 3 of 4" in capsys.readouterr().err
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    assert not (stopped / "config.json").exists()
+    _run(stopped, "--resume_from_checkpoint", "latest")
+    straight = load_file(pretrained / "mae" / "model.safetensors")
+    again = load_file(stopped / "mae" / "model.safetensors")
+    for name in straight:
+        torch.testing.assert_close(again[name], straight[name], rtol=0, atol=0)
