@@ -267,7 +267,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .data.transforms import ignore_interrupts
-    from .train import NonFiniteLossGuard, StopOnSignal, leave
+    from .train import NonFiniteLossGuard, StopOnSignal, end_early, leave
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -388,22 +388,14 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
                     break
             epoch += 1
     progress.close()
-    if nonfinite.stopped:
-        is_main_process = accelerator.is_main_process  # the message is printed once
-        accelerator.wait_for_everyone()
-        del model
-        leave(accelerator)
-        raise SystemExit(nonfinite.message if is_main_process else 1)
-    if stop.stopped:
-        if global_step % args.checkpointing_steps:  # else the loop has just saved this step
+    if nonfinite.stopped or stop.stopped:
+        if stop.stopped and global_step % args.checkpointing_steps:  # else the loop has just saved this step
             save_checkpoint()
-        is_main_process = accelerator.is_main_process
-        accelerator.wait_for_everyone()
-        del model
-        leave(accelerator)
-        if is_main_process:
-            print(stop.message("apc-pretrain", global_step, args.max_train_steps, output_dir), file=sys.stderr)
-        raise SystemExit(128 + stop.signum)
+        del model  # the DDP wrapper; `end_early` releases the accelerator's reference
+        if nonfinite.stopped:
+            end_early(accelerator, nonfinite.message, 1)
+        end_early(accelerator, stop.message("apc-pretrain", global_step, args.max_train_steps, output_dir),
+                  128 + stop.signum)
 
     accelerator.wait_for_everyone()
     metrics = {"final_loss": history[-1]["loss"] if history else None, "train_steps": global_step,

@@ -23,7 +23,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
@@ -591,22 +591,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             epoch += 1
     progress.close()
     train_seconds = seconds_before + time.time() - start_time
-    is_main_process = accelerator.is_main_process  # the messages below are printed once
-    if nonfinite.stopped:
-        accelerator.wait_for_everyone()
-        del model
-        leave(accelerator)
-        raise SystemExit(nonfinite.message if is_main_process else 1)
-    if stop.stopped:
-        if global_step % args.checkpointing_steps:  # else the loop has just saved this step
+    if nonfinite.stopped or stop.stopped:
+        if stop.stopped and global_step % args.checkpointing_steps:  # else the loop has just saved this step
             state["train_seconds"] = train_seconds
             save_checkpoint(accelerator, output_dir, global_step, fingerprint, state, args.checkpoints_total_limit)
-        accelerator.wait_for_everyone()
-        del model
-        leave(accelerator)
-        if is_main_process:
-            print(stop.message("apc-train", global_step, args.max_train_steps, output_dir), file=sys.stderr)
-        raise SystemExit(128 + stop.signum)
+        del model  # the DDP wrapper; `end_early` releases the accelerator's reference
+        if nonfinite.stopped:
+            end_early(accelerator, nonfinite.message, 1)
+        end_early(accelerator, stop.message("apc-train", global_step, args.max_train_steps, output_dir),
+                  128 + stop.signum)
 
     # Final model, metrics and card
     accelerator.wait_for_everyone()
@@ -738,6 +731,16 @@ class NonFiniteLossGuard:
             )
         self.checked_step = step
         return self.stopped
+
+
+def end_early(accelerator, message: str, status: int) -> NoReturn:
+    """All processes leave together and exit with `status`; the main process prints `message` (once)."""
+    is_main_process = accelerator.is_main_process
+    accelerator.wait_for_everyone()
+    leave(accelerator)
+    if is_main_process:
+        print(message, file=sys.stderr)
+    raise SystemExit(status)
 
 
 def leave(accelerator) -> None:

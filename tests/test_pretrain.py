@@ -101,15 +101,17 @@ def test_apc_train_pretrains_first(tmp_path):
     assert model.config.backbone_config.hidden_size == backbone.config.hidden_size == 32
 
 
-def test_a_nan_loss_stops_pretraining_before_anything_trained_on_it_is_saved(tmp_path, monkeypatch):
+def test_a_nan_loss_stops_pretraining_before_anything_trained_on_it_is_saved(tmp_path, monkeypatch, capsys):
     from test_train import poison_training_step
 
     poison_training_step(monkeypatch, ViTMAEForPreTraining, step=1)
     with pytest.raises(SystemExit) as error:
         _run(tmp_path / "mae")
-    assert str(error.value.code).startswith("apc-pretrain: error: the loss was NaN or infinite 2 time(s) between "
-                                            "steps 1 and 2")  # step 1 and step 2 (on the spoilt weights)
-    assert "no checkpoint was saved before them" in str(error.value.code)
+    assert error.value.code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("apc-pretrain: error: the loss was NaN or infinite 2 time(s) between "
+                              "steps 1 and 2")  # step 1 and step 2 (on the spoilt weights)
+    assert "no checkpoint was saved before them" in message
     assert not (tmp_path / "mae" / "config.json").exists() and not (tmp_path / "mae" / "checkpoints").exists()
 
 

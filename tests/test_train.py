@@ -242,7 +242,7 @@ def poison_training_step(monkeypatch, model_class, step: int) -> None:
     monkeypatch.setattr(model_class, "forward", forward)
 
 
-def test_a_nan_loss_stops_the_run_before_anything_trained_on_it_is_saved(tmp_path, monkeypatch):
+def test_a_nan_loss_stops_the_run_before_anything_trained_on_it_is_saved(tmp_path, monkeypatch, capsys):
     from apc_seg import APCForSemanticSegmentation
 
     poison_training_step(monkeypatch, APCForSemanticSegmentation, step=3)
@@ -250,7 +250,8 @@ def test_a_nan_loss_stops_the_run_before_anything_trained_on_it_is_saved(tmp_pat
     with pytest.raises(SystemExit) as error:  # looks at steps 2 (checkpoint) and 4 (log, checkpoint): stops at 4
         train.main(TINY + ["--max_train_steps", "8", "--logging_steps", "4", "--checkpointing_steps", "2",
                            "--eval_steps", "100", "--report_to", "none", "--output_dir", str(out)])
-    message = str(error.value.code)
+    assert error.value.code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
     # Step 3's update spoilt the weights, so step 4's loss is NaN too.
     assert message.startswith("apc-train: error: the loss was NaN or infinite 2 time(s) between steps 3 and 4")
     assert str(out / "checkpoints" / "step_2") in message and "--learning_rate" in message
