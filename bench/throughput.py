@@ -34,7 +34,7 @@ from apc_seg.labels import VOC_CLASSES  # noqa: E402
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
 VOC_STEPS, VOC_BATCH, COCO_STEPS = 20_000, 8, 80_000
-VOC_IMAGE_SIZE = (375, 500)  # height, width of most VOC photos
+VOC_IMAGE_SIDE = 448  # about a VOC photo's pixel count (500 x 375)
 VOC_VALIDATION_IMAGES = 10 * 1_449 + 500  # the VOC recipe: val every 2k of 20k steps, then 500 pseudo-label images
 
 
@@ -153,26 +153,28 @@ class OperatorCounter(TorchDispatchMode):
 def measure_validation(args) -> dict:
     """Images/s of `evaluate` (apc-train's validation: full images, decoding in workers) with the fast model.
 
-    Random JPEG-decoded photos of VOC's usual size stand in for VOC val (decode and model cost depend on the size, not
-    the content); the projection counts VOC's 10 validations of 1,449 images plus the 500-image pseudo-label score
-    (at the same rate, though PAR makes those slower).
+    Synthetic images at 448 px, JPEG-encoded, stand in for VOC val (they decode about as fast as VOC's photographs,
+    docs/benchmarks.md, and the model's cost depends on the size only); the projection counts the VOC recipe's 10
+    validations of 1,449 images plus the 500-image pseudo-label score (at the same rate, though PAR makes those
+    slower).
     """
     import io
 
     import numpy as np
     from PIL import Image
 
+    from apc_seg.data.synthetic import render
     from apc_seg.evaluation import evaluate
 
     device = torch.device(args.device)
     model = build(args.small, True, args.crop_size, args.max_classes).to(device)
-    rng = np.random.default_rng(0)
     dataset = []
-    for _ in range(args.eval_images):
+    for i in range(args.eval_images):
+        image, mask = render(np.random.default_rng(i), VOC_IMAGE_SIDE, [1 + i % 3])
         buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (*VOC_IMAGE_SIZE, 3), dtype=np.uint8)).save(buffer, "JPEG")
-        mask = Image.fromarray(rng.integers(0, 21, VOC_IMAGE_SIZE, dtype=np.uint8))
-        dataset.append({"image": Image.open(io.BytesIO(buffer.getvalue())), "mask": mask, "class_labels": [1]})
+        Image.fromarray(image).save(buffer, "JPEG", quality=95)
+        dataset.append({"image": Image.open(io.BytesIO(buffer.getvalue())), "mask": Image.fromarray(mask),
+                        "class_labels": [1 + i % 3]})
     use_bf16 = device.type != "cpu" or args.cpu_bf16
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):  # as accelerate's wrapped forward
         evaluate(model, dataset[:8], num_workers=args.eval_workers)  # warm-up
@@ -235,8 +237,8 @@ def main(argv=None) -> int:
                              "a GPU.")
     parser.add_argument("--profile", action="store_true", help="Print a profile of the fast step.")
     parser.add_argument("--eval_images", type=int, default=0,
-                        help="Also time apc-train's validation (evaluate) on this many random VOC-sized images and "
-                             "add the VOC recipe's validation to the projection (e.g. 64; 0 = off).")
+                        help="Also time apc-train's validation (evaluate) on this many VOC-sized synthetic images "
+                             "and add the VOC recipe's validation to the projection (e.g. 64; 0 = off).")
     parser.add_argument("--eval_workers", type=int, default=8, help="Decoding workers of that validation.")
     parser.add_argument("--json", help="Also write the rows to this file.")
     args = parser.parse_args(argv)
@@ -273,8 +275,8 @@ def main(argv=None) -> int:
           "(steps only; validation and data loading not included).")
     validation = measure_validation(args) if args.eval_images else None
     if validation:
-        print(f"Validation: {validation['images_per_s']:.1f} images/s ({args.eval_images} random "
-              f"{VOC_IMAGE_SIZE[0]}x{VOC_IMAGE_SIZE[1]} images, {args.eval_workers} workers); the VOC recipe's "
+        print(f"Validation: {validation['images_per_s']:.1f} images/s ({args.eval_images} synthetic "
+              f"{VOC_IMAGE_SIDE} px JPEGs, {args.eval_workers} workers); the VOC recipe's "
               f"{VOC_VALIDATION_IMAGES} images add {validation['voc_minutes']:.1f} min: "
               f"{voc_minutes + validation['voc_minutes']:.1f} min in all.")
     if args.json:
