@@ -170,24 +170,26 @@ def _propagate_by_gather(probs: torch.Tensor, affinity: torch.Tensor, offsets, i
     On a GPU the training step is bound by the host launching kernels, and the offset-by-offset loop is 48 of them
     per iteration (480 per step, a third of the step's kernels; docs/benchmarks.md). Here an iteration is one gather,
     one multiply and one sum over the offsets, in chunks of offsets that keep the gathered tensor under
-    `_GATHER_CHUNK_ELEMENTS`. Pixels are the leading dimension, so each gathered row is a contiguous `B x C` block.
-    Replicate padding is an index clamp, as in the loop.
+    `_GATHER_CHUNK_ELEMENTS`. The gather runs along the pixel axis of a class-major `(B * C, H * W)` map: for one
+    offset, neighbouring threads read neighbouring pixels, so the reads coalesce (H200, VOC bench size, 4 classes:
+    5.3 ms per PAR call, against 17.8 ms gathering pixel-major `B x C` rows and 11.0 ms for the loop). Replicate
+    padding is an index clamp, as in the loop.
     """
     batch, classes, height, width = probs.shape
-    num_pixels = height * width
+    num_pixels, num_offsets = height * width, len(offsets)
     neighbour_index = _neighbour_index(height, width, tuple((dy, dx) for dy, dx, _ in offsets), probs.device)
-    weights = affinity.view(batch, len(offsets), num_pixels).permute(1, 2, 0).unsqueeze(-1).contiguous()  # K,P,B,1
+    weights = affinity.reshape(batch, 1, num_offsets, num_pixels)
     chunk = max(1, _GATHER_CHUNK_ELEMENTS // (num_pixels * batch * classes))
-    refined = probs.flatten(2).permute(2, 0, 1).contiguous()  # P, B, C
+    refined = probs.reshape(batch * classes, num_pixels)
     for _ in range(iterations):
         total = None
-        for start in range(0, len(offsets), chunk):
+        for start in range(0, num_offsets, chunk):
             index = neighbour_index[start: start + chunk]
-            part = refined.index_select(0, index.flatten()).view(*index.shape, batch, classes)
-            part = part.mul_(weights[start: start + chunk]).sum(dim=0)
+            part = refined.index_select(1, index.flatten()).view(batch, classes, len(index), num_pixels)
+            part = part.mul_(weights[:, :, start: start + chunk]).sum(dim=2)
             total = part if total is None else total.add_(part)
-        refined = total
-    return refined.permute(1, 2, 0).reshape(batch, classes, height, width)
+        refined = total.view(batch * classes, num_pixels)
+    return refined.view(batch, classes, height, width)
 
 
 @torch.no_grad()
