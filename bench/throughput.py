@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apc_seg import APCConfig, APCForSemanticSegmentation, pseudo_labels  # noqa: E402
 from apc_seg.labels import VOC_CLASSES  # noqa: E402
+from apc_seg.train import prefer_flash_attention  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
@@ -64,6 +65,8 @@ def measure(args, fast: bool, compile_model: bool = False) -> dict:
     fused = fast  # torch has a fused AdamW for CPU tensors too, so a CPU run counts the same optimiser operators
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None,
                                   foreach=None if fused else False)
+    if fast:
+        prefer_flash_attention(device)  # as apc-train does
     step_model = torch.compile(model, mode=args.compile_mode) if compile_model else model
     batch, size = args.batch_size, args.crop_size
     pixel_values = torch.randn(batch, 3, size, size, device=device)
@@ -113,7 +116,7 @@ def measure(args, fast: bool, compile_model: bool = False) -> dict:
     step_time = (time.perf_counter() - start) / args.steps
     loss = out.loss.item()
     syncs = count_syncs(step) if device.type == "cuda" else None
-    if args.profile and fast and not compile_model:
+    if args.profile and fast:
         profile_steps(step, device)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     peak = args.peak_tflops * 1e12 if args.peak_tflops else default_peak(device)

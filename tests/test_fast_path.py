@@ -84,3 +84,18 @@ def test_training_step_makes_no_tensor_from_python_data_after_the_first(schedule
     with HostData() as steady:
         step()
     assert steady.made == []
+
+
+def test_prefer_flash_attention_turns_off_cudnn_attention_on_a_gpu_only():
+    from apc_seg.train import prefer_flash_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        prefer_flash_attention(torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # a CPU run leaves the process's settings alone
+        prefer_flash_attention(torch.device("cuda", 0))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
