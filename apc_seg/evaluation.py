@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cli import OneLineParser, non_negative_int, prediction_flags
+from .cli import OneLineParser, add_preprocessing_num_workers, default_num_workers, non_negative_int, prediction_flags
 from .data.transforms import EvalTransform, class_labels_to_multi_hot, ignore_interrupts
 from .metrics import StreamingConfusionMatrix, format_iou_table
 
@@ -213,11 +212,12 @@ def evaluate(
 
 
 def load_split(dataset: str, data_dir: str | None, split: str, skip_bad_images: bool = False, seed: int = 0,
-               num_images: int | None = None, image_size: int = 96):
+               num_images: int | None = None, image_size: int = 96, num_proc: int | None = None):
     """One split of `voc`, `coco` or `synthetic`.
 
     The synthetic split is generated (`data_dir` unused) with `num_images` images of `image_size` pixels; defaults
     are the synthetic recipe's (1024 train, 256 val or test, 96 px). Pass what training used to score the same data.
+    `num_proc` processes build a VOC / COCO split that is not cached yet.
     """
     from . import data
 
@@ -233,9 +233,9 @@ def load_split(dataset: str, data_dir: str | None, split: str, skip_bad_images: 
     if data_dir is None:
         raise ValueError(f"--data_dir is required for --dataset {dataset}")
     if dataset == "voc":
-        return data.load_voc(data_dir, splits=[split], skip_bad_images=skip_bad_images)[split]
+        return data.load_voc(data_dir, splits=[split], skip_bad_images=skip_bad_images, num_proc=num_proc)[split]
     if dataset == "coco":
-        return data.load_coco(data_dir, splits=[split], skip_bad_images=skip_bad_images)[split]
+        return data.load_coco(data_dir, splits=[split], skip_bad_images=skip_bad_images, num_proc=num_proc)[split]
     raise ValueError(f"--dataset {dataset!r} is invalid: expected voc, coco or synthetic")
 
 
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("decoder", "pseudo"), default="decoder",
                         help="decoder: the segmenter; pseudo: the pseudo-labels (use a train split).")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--num_workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--num_workers", type=non_negative_int, default=default_num_workers(),
                         help="Processes that decode images and, with --crf, run the dense CRF (default: the CPU "
                              "count, at most 8; 0 = all in this process).")
     parser.add_argument("--max_images", type=int, default=None)
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_size", type=int, default=96,
                         help="Synthetic only: image side (as apc-train's --crop_size).")
     parser.add_argument("--skip_bad_images", action="store_true")
+    add_preprocessing_num_workers(parser)
     parser.add_argument("--output_json", help="Write miou, per_class_iou, pixel_accuracy here.")
     return parser
 
@@ -288,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with accelerator.main_process_first():  # the first process builds the datasets cache, the others reuse it
             dataset = load_split(args.dataset, args.data_dir, args.split, args.skip_bad_images, args.seed,
-                                 args.num_images, args.image_size)
+                                 args.num_images, args.image_size, args.preprocessing_num_workers)
     except (FileNotFoundError, ValueError, KeyError) as error:
         parser.error(str(error).strip("'\""))
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .cli import OneLineParser, non_negative_int, prediction_flags
+from .cli import OneLineParser, default_num_workers, non_negative_int, prediction_flags
 from .data.transforms import VIT_MEAN, VIT_STD, EvalTransform
 from .evaluation import crf_labels, predict_probabilities
 from .labels import VOC_PALETTE
@@ -166,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ImageSets/Segmentation/test.txt): segment only these, found in the given folders.")
     parser.add_argument("--no_overlay", action="store_true",
                         help="Write only the index PNGs (e.g. for the VOC evaluation server).")
-    parser.add_argument("--num_workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--num_workers", type=non_negative_int, default=default_num_workers(),
                         help="With --crf: processes that run the dense CRF while the model goes on (default: the "
                              "CPU count, at most 8; 0 = in this process).")
     return parser

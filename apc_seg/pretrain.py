@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .cli import OneLineParser, non_negative_int, positive_int
+from .cli import OneLineParser, add_preprocessing_num_workers, non_negative_int, positive_int
 
 def _synthetic_backbone() -> dict[str, Any]:
     """The synthetic recipe's tiny ViT: the one apc-train trains on, defined once in its RECIPES."""
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Training crop (a multiple of the patch size). Default: the backbone's image_size.")
     g.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader workers (persistent).")
     g.add_argument("--skip_bad_images", action="store_true")
+    add_preprocessing_num_workers(g)
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path", default=None,
                    help="Continue from a ViT (or ViTMAE, e.g. a previous OUT/mae) checkpoint; default: from scratch.")
@@ -122,13 +123,15 @@ def load_images(args):
         from .data.voc import default_train_split, load_voc
 
         split = args.train_split or default_train_split(args.data_dir)
-        data = load_voc(args.data_dir, splits=[split], skip_bad_images=args.skip_bad_images)
+        data = load_voc(args.data_dir, splits=[split], skip_bad_images=args.skip_bad_images,
+                        num_proc=args.preprocessing_num_workers)
         return data[split].select_columns(["image", "image_id"])
     if args.dataset == "coco":
         from .data import load_coco
 
         split = args.train_split or "train"
-        data = load_coco(args.data_dir, splits=[split], skip_bad_images=args.skip_bad_images)
+        data = load_coco(args.data_dir, splits=[split], skip_bad_images=args.skip_bad_images,
+                         num_proc=args.preprocessing_num_workers)
         return data[split].select_columns(["image", "image_id"])
     root = Path(args.data_dir)
     paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

@@ -27,7 +27,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
-from .cli import OneLineParser, non_negative_int, positive_int
+from .cli import OneLineParser, add_preprocessing_num_workers, non_negative_int, positive_int
 
 RECIPES: dict[str, dict[str, Any]] = {
     # ToCo/APC VOC setting: train_aug, 448 crops, global batch 8, 20k steps, 1.5k warm-up, bf16 on GPU.
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=non_negative_int,
                    help="DataLoader workers per process (persistent; validation decodes with as many).")
     g.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images with a warning.")
+    add_preprocessing_num_workers(g)
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path",
                    help="A ViT checkpoint (new APC model on it) or an APC checkpoint (continue); 'none' = scratch.")
@@ -278,11 +279,12 @@ def load_datasets(args):
         if args.train_split is None:
             args.train_split = default_train_split(args.data_dir)
         data = load_voc(args.data_dir, splits=[args.train_split, args.val_split],
-                        skip_bad_images=args.skip_bad_images)
+                        skip_bad_images=args.skip_bad_images, num_proc=args.preprocessing_num_workers)
         return data[args.train_split], data[args.val_split], VOC_CLASSES
     from .data import load_coco
 
-    data = load_coco(args.data_dir, splits=[args.train_split, args.val_split], skip_bad_images=args.skip_bad_images)
+    data = load_coco(args.data_dir, splits=[args.train_split, args.val_split], skip_bad_images=args.skip_bad_images,
+                     num_proc=args.preprocessing_num_workers)
     return data[args.train_split], data[args.val_split], COCO_CLASSES
 
 
@@ -327,6 +329,7 @@ def pretrain_backbone(args) -> str:
     argv = ["--dataset", args.dataset, "--output_dir", str(folder), "--max_train_steps", str(args.mae_pretrain_steps),
             "--image_size", str(args.crop_size), "--seed", str(args.seed), "--mixed_precision", args.mixed_precision,
             "--num_workers", str(args.num_workers), "--report_to", args.report_to,
+            "--preprocessing_num_workers", str(args.preprocessing_num_workers),
             "--per_device_train_batch_size", str(args.per_device_train_batch_size),
             "--checkpointing_steps", str(10 ** 9)]
     if args.dataset == "synthetic":

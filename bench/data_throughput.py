@@ -3,6 +3,7 @@
     python bench/data_throughput.py                                   # synthetic data written as a VOC folder
     python bench/data_throughput.py --data_dir ../shared/realdata/voc --split all --repeat 40
     python bench/data_throughput.py --crop_sizes 448,96 --workers 0,1,2 --batch_size 8
+    python bench/data_throughput.py --num_images 2000 --image_size 448 --build_workers 1,2 --workers ""
 
 The first batch of each run (worker start-up, first decode) is not timed; the rest is, so the figure is the steady
 rate a training loop sees. Decoding is what `datasets` does on access (JPEG from disk for VOC).
@@ -56,6 +57,9 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_batches", type=int, default=30)
     parser.add_argument("--cache_dir", help="datasets cache (default: inside the temp dir)")
+    parser.add_argument("--build_workers", default="",
+                        help="also time building the split's cache (decode + check every image, write Arrow) with "
+                             "each of these load_voc num_proc values, e.g. 1,2 (each into a fresh cache)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # as in a DataLoader worker; keeps 0-worker and n-worker runs comparable
@@ -64,6 +68,13 @@ def main(argv=None):
         if data_dir is None:
             data_dir = os.path.join(tmp, "voc")
             write_voc(make_synthetic(args.num_images, 0, 0, args.image_size, seed=0), data_dir)
+        for num_proc in (int(n) for n in args.build_workers.split(",") if n):
+            start = time.perf_counter()
+            built = load_voc(data_dir, splits=[args.split], cache_dir=os.path.join(tmp, f"build_{num_proc}"),
+                             num_proc=num_proc)[args.split]
+            seconds = time.perf_counter() - start
+            print(f"# build with num_proc={num_proc}: {len(built)} images in {seconds:.1f} s, "
+                  f"{len(built) / seconds:.0f} images/s", flush=True)
         dataset = load_voc(data_dir, splits=[args.split], cache_dir=args.cache_dir or os.path.join(tmp, "cache"))
         dataset = dataset[args.split]
         if args.repeat > 1:
@@ -76,8 +87,8 @@ def main(argv=None):
         print(f"# host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
         print("| crop | workers | batch | images/s |")
         print("|---:|---:|---:|---:|")
-        for crop in (int(c) for c in args.crop_sizes.split(",")):
-            for workers in (int(w) for w in args.workers.split(",")):
+        for crop in (int(c) for c in args.crop_sizes.split(",") if c):
+            for workers in (int(w) for w in args.workers.split(",") if w):
                 rate = measure(dataset, crop, workers, args.batch_size, args.num_batches)
                 print(f"| {crop} | {workers} | {args.batch_size} | {rate:.0f} |", flush=True)
 

@@ -108,8 +108,12 @@ def cache(tmp_path):
     return str(tmp_path / "hf_cache")
 
 
-def test_load_coco_counts_labels_names_masks(coco_root, cache):
-    ds = load_coco(coco_root, splits=("train", "val"), cache_dir=cache)
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_load_coco_counts_labels_names_masks(coco_root, cache, num_proc, monkeypatch):
+    from apc_seg.data import common
+
+    monkeypatch.setattr(common, "RECORDS_PER_SHARD", 1)  # with num_proc=2, two processes render val's masks
+    ds = load_coco(coco_root, splits=("train", "val"), cache_dir=cache, num_proc=num_proc)
     assert {k: len(v) for k, v in ds.items()} == {"train": 1, "val": 3}
     val = ds["val"]
     assert val.features["class_labels"].feature.names == list(COCO_CLASSES)

@@ -253,6 +253,31 @@ def test_empty_split(voc, cache):
         load_voc(voc, splits="allbad", skip_bad_images=True, cache_dir=cache)
 
 
+def test_several_processes_build_the_same_split_and_name_bad_files(tmp_path, voc, cache, monkeypatch):
+    from apc_seg.data import common
+
+    monkeypatch.setattr(common, "RECORDS_PER_SHARD", 1)  # one image per shard, so 2 processes share the work
+    one = load_voc(voc, splits="trainval", cache_dir=cache)["trainval"]
+    other_cache = tmp_path / "other_cache"
+    two = load_voc(voc, splits="trainval", cache_dir=str(other_cache), num_proc=2)["trainval"]
+    assert len(list(other_cache.rglob("*-of-00002.arrow"))) == 2  # each process wrote its part
+    assert two["image_id"] == one["image_id"] and two["class_labels"] == one["class_labels"]  # in list order
+    for a, b in zip(one, two):
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+        assert (a["mask"] is None and b["mask"] is None) or np.array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+
+    bad = _bad_voc(tmp_path, _not_an_image)
+    with pytest.raises(BadInputError, match="Not an image") as err:  # raised in a worker process, still ours
+        load_voc(bad, splits="train", cache_dir=cache, num_proc=2)
+    assert "2007_000009" in str(err.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skip warning is a worker process's
+        ds = load_voc(bad, splits="train", skip_bad_images=True, cache_dir=cache, num_proc=2)["train"]
+    assert ds["image_id"] == ["2007_000001"] and skipped_count(ds) == 1
+    # The cache does not depend on how many processes built it, nor does the count it reports.
+    assert skipped_count(load_voc(bad, splits="train", skip_bad_images=True, cache_dir=cache)["train"]) == 1
+
+
 def _converted(tmp_path, cache, image: Image.Image, fmt: str, mask_size, **save):
     voc = make_voc(tmp_path / "conv", aug=False)
     image.save(voc / "JPEGImages" / "2007_000009.jpg", format=fmt, **save)  # content decides, not the extension

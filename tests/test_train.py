@@ -446,6 +446,7 @@ def _error_line(capsys) -> str:
         (["--backbone_stem", "resnet"], "--backbone_stem"),
         (["--config_overrides", "backbone_stem=conv"], "--config_overrides"),
         (["--max_train_steps", "0"], "--max_train_steps"),
+        (["--preprocessing_num_workers", "0"], "--preprocessing_num_workers"),
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "--resume_from_checkpoint"),
     ],
 )

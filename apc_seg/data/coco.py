@@ -167,6 +167,7 @@ def load_coco_instances(
     masks: bool = True,
     skip_bad_images: bool = False,
     cache_dir: str | None = None,
+    num_proc: int | None = None,
 ):
     """One split from any COCO instances json and its image folder, as a ``datasets.Dataset``.
 
@@ -176,7 +177,7 @@ def load_coco_instances(
         split: the split's name.
         mask_dir: read ``<mask_dir>/<file stem>.png`` index masks instead of rendering them.
         masks: render masks from the instances (needs pycocotools); False leaves ``mask`` None.
-        skip_bad_images, cache_dir: as in :func:`apc_seg.data.load_voc`.
+        skip_bad_images, cache_dir, num_proc: as in :func:`apc_seg.data.load_voc`.
     """
     annotation_file, image_dir = Path(annotation_file).expanduser().resolve(), Path(image_dir).expanduser().resolve()
     for path in (annotation_file, image_dir):
@@ -199,6 +200,7 @@ def load_coco_instances(
         cache_dir=cache_dir,
         skip_bad_images=skip_bad_images,
         description=f"MS COCO '{split}' from {annotation_file} and {image_dir}",
+        num_proc=num_proc,
     )
 
 
@@ -210,12 +212,14 @@ def load_coco(
     skip_bad_images: bool = False,
     cache_dir: str | None = None,
     masks: bool = True,
+    num_proc: int | None = None,
 ):
     """Load MS COCO splits (``train``/``val``) from ``<root>/<split><year>/`` and
     ``<root>/annotations/instances_<split><year>.json`` as a ``datasets.DatasetDict``.
 
     ``mask_dir``: prepared index masks, in ``<mask_dir>/<split><year>/`` or directly in ``<mask_dir>``; otherwise
     masks are rendered from the instances (see the module docstring for the overlap rules).
+    ``skip_bad_images``, ``cache_dir``, ``num_proc``: as in :func:`apc_seg.data.load_voc`.
     """
     import datasets
 
@@ -235,6 +239,6 @@ def load_coco(
         if mask_dir is not None:
             split_masks = Path(mask_dir) / name if (Path(mask_dir) / name).is_dir() else Path(mask_dir)
         out[split] = load_coco_instances(
-            annotation_file, image_dir, split, split_masks, masks, skip_bad_images, cache_dir
+            annotation_file, image_dir, split, split_masks, masks, skip_bad_images, cache_dir, num_proc
         )
     return datasets.DatasetDict(out)

@@ -27,7 +27,7 @@ from ..labels import IGNORE_INDEX
 logger = logging.getLogger(__name__)
 
 # Bump when the schema or the decoding rules change, so old caches are not reused.
-CACHE_VERSION = "apc-data-1"
+CACHE_VERSION = "apc-data-2"  # 2: bad-file reports per shard (num_proc)
 
 
 class BadInputError(ValueError):
@@ -194,25 +194,55 @@ def default_cache_dir() -> str:
     return str(datasets.config.HF_DATASETS_CACHE)
 
 
-def _generate(records: list, make_example: Callable, report_path: str, skip_bad_images: bool, empty_message: str):
-    """The generator behind ``Dataset.from_generator``: decodes each record, skipping or raising on bad input."""
-    skipped = []
-    for record in records:
-        try:
-            example = make_example(record)
-        except BadInputError as err:
-            if not skip_bad_images:
-                raise
-            warnings.warn(f"Skipping bad input: {err}", stacklevel=2)
-            skipped.append(str(err))
-            continue
-        yield example
-    if len(skipped) == len(records):
-        raise BadInputError(empty_message.format(skipped=len(skipped)))
-    # Written only after the last example, so a report exists exactly when the cache is complete.
-    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(report_path, "w") as f:
-        json.dump({"skipped": len(skipped), "messages": skipped}, f)
+# Records per generator shard. Set by the split's size alone, not by the number of processes, so that a cached call
+# reads exactly the report files the build wrote, whatever `num_proc` either call used.
+RECORDS_PER_SHARD = 1000
+
+
+def _report_path(report_stem: str, shard_index: int) -> str:
+    return f"{report_stem}-{shard_index:05d}.json"
+
+
+def _error_path(report_stem: str, shard_index: int) -> str:
+    return f"{report_stem}-{shard_index:05d}.error"
+
+
+def _generate(shards: list, make_example: Callable, report_stem: str, skip_bad_images: bool):
+    """The generator behind ``Dataset.from_generator``: decodes each record, skipping or raising on bad input.
+
+    ``shards`` is this process's part of the split, a list of ``(shard_index, records)`` in split order.
+    """
+    for shard_index, records in shards:
+        skipped = []
+        for record in records:
+            try:
+                example = make_example(record)
+            except BadInputError as err:
+                if not skip_bad_images:
+                    # A worker process's exception reaches the parent without its cause (exceptions pickle without
+                    # `__cause__`), so the message that names the file travels through the cache folder too.
+                    path = _error_path(report_stem, shard_index)
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                    Path(path).write_text(str(err))
+                    raise
+                warnings.warn(f"Skipping bad input: {err}", stacklevel=2)
+                skipped.append(str(err))
+                continue
+            yield example
+        # Written only after the shard's last example, so all reports exist exactly when the cache is complete.
+        path = _report_path(report_stem, shard_index)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"skipped": len(skipped), "messages": skipped}, f)
+
+
+def _skipped_count(report_stem: str, shards: list) -> int:
+    total = 0
+    for shard_index, _ in shards:
+        if os.path.exists(_report_path(report_stem, shard_index)):
+            with open(_report_path(report_stem, shard_index)) as f:
+                total += json.load(f)["skipped"]
+    return total
 
 
 def build_dataset(
@@ -225,49 +255,62 @@ def build_dataset(
     cache_dir: str | None,
     skip_bad_images: bool,
     description: str,
+    num_proc: int | None = None,
 ):
     """Build (or load from cache) one split.
 
     ``records`` are the raw per-image inputs, ``make_example(record)`` returns one schema row or raises
     :class:`BadInputError`. ``key`` is the fingerprint. The number of skipped records is logged, stored in
-    ``dataset.info.description`` (read it with :func:`skipped_count`); a small sidecar report in the cache keeps it
-    known on a cached call, which decodes nothing.
+    ``dataset.info.description`` (read it with :func:`skipped_count`); small sidecar reports in the cache keep it
+    known on a cached call, which decodes nothing. ``num_proc`` processes decode shards of
+    :data:`RECORDS_PER_SHARD` records (at most one process per shard); rows keep the records' order, and the cache is
+    the same whatever ``num_proc`` built it.
     """
     import datasets
 
     if not records:
         raise BadInputError(f"Split {split!r} is empty: {description}")
     cache_dir = cache_dir or default_cache_dir()
-    report_path = os.path.join(cache_dir, "apc_seg_reports", f"{key}.json")
+    report_stem = os.path.join(cache_dir, "apc_seg_reports", key)
+    shards = [(index, tuple(records[start: start + RECORDS_PER_SHARD]))
+              for index, start in enumerate(range(0, len(records), RECORDS_PER_SHARD))]
+    num_proc = min(num_proc or 1, len(shards))
     try:
         dataset = datasets.Dataset.from_generator(
             _generate,
             features=make_features(class_names),
             cache_dir=cache_dir,
-            gen_kwargs={
-                "records": tuple(records),  # a tuple: datasets would shard a list, one generator call per item
-                "make_example": make_example,
-                "report_path": report_path,
-                "skip_bad_images": skip_bad_images,
-                "empty_message": f"Split {split!r} is empty after skipping {{skipped}} bad file(s): {description}",
-            },
+            # A list: datasets gives each process a contiguous part of it, and concatenates their outputs in order.
+            gen_kwargs={"shards": shards, "make_example": make_example, "report_stem": report_stem,
+                        "skip_bad_images": skip_bad_images},
+            num_proc=num_proc if num_proc > 1 else None,
             fingerprint=key,
             # datasets reserves "all" and wants \w+ names; the DatasetDict key stays the user's name.
             split=datasets.NamedSplit(split if re.fullmatch(r"\w+", split) and split != "all" else f"split_{key[:8]}"),
         )
     except datasets.exceptions.DatasetGenerationError as err:
         # datasets wraps whatever the generator raised; give the user our error, which names the file.
-        cause = err.__cause__
-        if isinstance(cause, BadInputError):
-            raise cause from None
+        messages = []
+        for shard_index, _ in shards:
+            path = Path(_error_path(report_stem, shard_index))
+            if path.exists():
+                messages.append(path.read_text())
+                path.unlink()
+        if isinstance(err.__cause__, BadInputError):
+            raise err.__cause__ from None
+        if messages:
+            raise BadInputError(messages[0]) from None
         raise
-    report = {"skipped": 0, "messages": []}
-    if os.path.exists(report_path):
-        with open(report_path) as f:
-            report = json.load(f)
-    if report["skipped"]:
-        logger.warning("Split %r: skipped %d bad file(s) of %d.", split, report["skipped"], len(records))
-    dataset.info.description = f"{description} | skipped bad files: {report['skipped']}"
+    except ValueError:
+        # datasets cannot make a dataset of no rows; when every file was skipped, say so.
+        if _skipped_count(report_stem, shards) == len(records):
+            raise BadInputError(f"Split {split!r} is empty after skipping {len(records)} bad file(s): "
+                                f"{description}") from None
+        raise
+    skipped = _skipped_count(report_stem, shards)
+    if skipped:
+        logger.warning("Split %r: skipped %d bad file(s) of %d.", split, skipped, len(records))
+    dataset.info.description = f"{description} | skipped bad files: {skipped}"
     return dataset
 
 

@@ -143,6 +143,7 @@ def load_voc(
     splits: str | Iterable[str] = ("train", "val"),
     skip_bad_images: bool = False,
     cache_dir: str | None = None,
+    num_proc: int | None = None,
 ):
     """Load PASCAL VOC 2012 splits as a ``datasets.DatasetDict``.
 
@@ -154,6 +155,8 @@ def load_voc(
         skip_bad_images: skip unreadable images and invalid masks with a warning (the count is in
             ``dataset.info.description``; see :func:`apc_seg.data.skipped_count`) instead of raising.
         cache_dir: where ``datasets`` caches the built Arrow files (default: the HF datasets cache).
+        num_proc: processes that decode the images when a split is first built (default: one). Each takes shards of
+            1,000 images, so small splits stay in one process; the result and its cache do not depend on it.
 
     Returns:
         ``DatasetDict`` with columns ``image``, ``mask`` (None without a mask), ``class_labels``, ``image_id``.
@@ -177,5 +180,6 @@ def load_voc(
             cache_dir=cache_dir,
             skip_bad_images=skip_bad_images,
             description=f"PASCAL VOC 2012 '{split}' from {voc} ({list_file})",
+            num_proc=num_proc,
         )
     return datasets.DatasetDict(out)
