@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cli import OneLineParser, add_preprocessing_num_workers, default_num_workers, non_negative_int, prediction_flags
-from .data.transforms import EvalTransform, class_labels_to_multi_hot, ignore_interrupts
+from .data.transforms import EvalTransform, class_labels_to_multi_hot, defer_stop_signals
 from .metrics import StreamingConfusionMatrix, format_iou_table
 
 # The protocol WSSS papers report final segmentation results with (ToCo, APC): test scales 1.0/1.25/1.5, each with
@@ -164,7 +164,7 @@ def evaluate(
     # the training run's dropout and PCL sampling.
     samples = torch.utils.data.DataLoader(_EvalSamples(dataset, indices, transform, keep_image=crf), batch_size=None,
                                           num_workers=num_workers, generator=torch.Generator(),
-                                          worker_init_fn=ignore_interrupts)  # apc-train may be validating
+                                          worker_init_fn=defer_stop_signals)  # apc-train may be validating
     # The dense CRF (about 0.75 s per VOC image on one core, 18 minutes for VOC val) runs in worker processes while
     # the model goes on; the confusion matrix is a sum, so the order results come back in does not matter.
     crf_pool = concurrent.futures.ProcessPoolExecutor(num_workers) if crf and num_workers > 0 else None

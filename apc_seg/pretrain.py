@@ -269,7 +269,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from .data.transforms import ignore_interrupts
+    from .data.transforms import defer_stop_signals
     from .train import NonFiniteLossGuard, StopOnSignal, end_early, leave
 
     output_dir = Path(args.output_dir)
@@ -298,7 +298,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(
         images.with_transform(transform), batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
         num_workers=args.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
-        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_interrupts,
+        persistent_workers=args.num_workers > 0, worker_init_fn=defer_stop_signals,
         generator=torch.Generator().manual_seed(args.seed),
     )
     if len(loader) == 0:

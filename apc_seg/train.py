@@ -474,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   set_seed)
     from tqdm.auto import tqdm
 
-    from .data.transforms import TrainTransform, collate_fn, ignore_interrupts
+    from .data.transforms import TrainTransform, collate_fn, defer_stop_signals
     from .evaluation import evaluate, launched_without_gpus
     from .image_processing_apc import APCImageProcessor
 
@@ -510,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_set.with_transform(transform), batch_size=args.per_device_train_batch_size, shuffle=True,
         drop_last=True, num_workers=args.num_workers, collate_fn=partial(collate_fn, num_labels=num_labels),
         pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
-        worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle (StopOnSignal)
+        worker_init_fn=defer_stop_signals,  # Ctrl-C is the main process's to handle (StopOnSignal)
         # Its own generator: without one, every new iterator (each epoch, and the resumed one) draws the workers'
         # base seed from the global RNG, and a mid-epoch resume would then see other dropout and PCL draws.
         generator=torch.Generator().manual_seed(args.seed),
@@ -643,13 +643,16 @@ class StopOnSignal:
     The handler only records the signal; the loop finishes the optimiser step it is in, saves a checkpoint there and
     exits with status 128 + signal, so `--resume_from_checkpoint latest` goes on exactly as if nothing had happened.
     With several processes they must stop at the same step (saving is collective), so they compare flags only where
-    the loop syncs anyway (logging, validation, checkpoints): at most `--logging_steps` steps later. A second signal
-    acts as usual (a second Ctrl-C interrupts at once).
+    the loop syncs anyway (logging, validation, checkpoints): at most `--logging_steps` steps later. A second Ctrl-C
+    interrupts at once. Further SIGTERMs change nothing: `accelerate launch` / torchrun relay the one they got to
+    every process (then SIGKILL after 30 s, as SLURM does), so a process sees the same notice twice.
 
-    A SIGTERM sent to every process (a cluster's, or `kill -TERM -PGID`) also ends the DataLoader workers. Their
-    deaths must not raise in the middle of a step or a save (the DataLoader's SIGCHLD check does that), so it is
-    switched off once the signal has come; and when the loop then runs out of batches (`batches`), one process stops
-    at its last completed step. Several processes cannot agree on a step without batches, so they fail as before.
+    A SIGTERM sent to every process (a cluster's, or `kill -TERM -PGID`) also reaches the DataLoader workers, which
+    go on for a while (`data.transforms.defer_stop_signals`) so the loop gets its batches up to the stop. Should
+    workers die anyway (SIGKILL), their deaths must not raise in the middle of a step or a save (the DataLoader's
+    SIGCHLD check does that), so it is switched off once the signal has come; and when the loop then runs out of
+    batches (`batches`), one process stops at its last completed step. Several processes cannot agree on a step
+    without batches, so they fail as before.
     """
 
     def __init__(self, accelerator):
@@ -673,7 +676,8 @@ class StopOnSignal:
 
     def _receive(self, signum, frame) -> None:
         self.signum = signum
-        signal.signal(signum, self._previous[signum])
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous[signum])
         if signal.SIGCHLD not in self._previous:
             self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 

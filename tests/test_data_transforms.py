@@ -1,5 +1,9 @@
 """Training/evaluation transforms and collate: alignment, padding, reproducibility, batching."""
 
+import multiprocessing
+import os
+import signal
+import time
 from functools import partial
 
 import datasets
@@ -159,3 +163,35 @@ def test_eval_transform_keeps_mask_resolution():
     ds = datasets.Dataset.from_dict({"image": [image], "mask": [Image.fromarray(mask)], "class_labels": [[1, 2]]})
     row = ds.with_transform(EvalTransform())[0]
     assert row["pixel_values"].shape == (3, 30, 50) and row["class_labels"] == [1, 2]
+
+
+def _worker_that_defers_stop_signals(ready):
+    from apc_seg.data import transforms
+
+    transforms.WORKER_STOP_GRACE_SECONDS = 1
+    transforms.defer_stop_signals(0)
+    ready.set()
+    while True:
+        time.sleep(0.01)
+
+
+def test_a_dataloader_worker_outlives_sigint_and_repeated_sigterms_for_the_grace_period():
+    # The main process needs batches until its clean stop; a worker nobody shuts down still ends after the grace
+    # period (SIGALRM), so a stuck one cannot hang the exit.
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=_worker_that_defers_stop_signals, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(10)
+        start = time.monotonic()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGTERM):  # Ctrl-C; the cluster's, the launcher's
+            os.kill(worker.pid, signum)
+            time.sleep(0.1)
+        assert worker.is_alive()
+        worker.join(10)
+        assert not worker.is_alive() and worker.exitcode == -signal.SIGALRM
+        assert time.monotonic() - start >= 0.9
+    finally:
+        if worker.is_alive():
+            worker.kill()

@@ -381,6 +381,54 @@ def test_accelerate_launch_two_cpu_processes_trains_and_gathers_the_single_proce
     assert metrics["val_miou"] == evaluate(model, val)["miou"]
 
 
+@pytest.mark.parametrize("everyone", [False, True])
+def test_a_sigterm_to_two_processes_and_their_workers_ends_in_one_checkpoint(everyone, tmp_path):
+    # `kill -TERM` to the launcher's group: accelerate launch (torchrun) relays it to each training process's group,
+    # DataLoader workers included. `everyone`: as SLURM, which signals every process of the job, so the training
+    # processes and workers get it twice. They agree on a step at the next logging step (up to 40 steps on), save it
+    # and stop; the workers keep delivering batches until then.
+    import time
+
+    import psutil
+
+    out, log = tmp_path / "ddp", tmp_path / "stderr.txt"
+    launched = subprocess.Popen(
+        [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         "-m", "apc_seg.train", *TINY, "--per_device_train_batch_size", "4", "--output_dir", str(out),
+         "--max_train_steps", "100000", "--eval_steps", "100000", "--checkpointing_steps", "3",
+         "--logging_steps", "40", "--num_workers", "2", "--report_to", "none"],
+        # stderr to a file: a pipe nobody reads fills up with the progress bar and blocks the run.
+        env=offline_env(), stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=tmp_path,
+        start_new_session=True,  # its own process group, as a job's
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not [p for p in train.list_checkpoints(out) if p.name != "step_3"]:  # training is under way
+            assert launched.poll() is None and time.monotonic() < deadline, "the run saved no checkpoint"
+            time.sleep(0.1)
+        processes = psutil.Process(launched.pid).children(recursive=True)
+        os.killpg(launched.pid, signal.SIGTERM)
+        if everyone:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+        launched.wait(timeout=120)
+    finally:
+        # torchrun starts each training process in a session of its own, so the launcher's group is not all of them.
+        for process in psutil.Process(launched.pid).children(recursive=True) if launched.poll() is None else []:
+            process.kill()
+        if launched.poll() is None:
+            os.killpg(launched.pid, signal.SIGKILL)
+    stderr = log.read_text()
+    stopped = re.findall(r"apc-train: stopped by SIGTERM after step (\d+) of 100000; saved (\S+)\.", stderr)
+    assert len(stopped) == 1, stderr[-3000:]  # printed once, by the main process
+    step = int(stopped[0][0])
+    saved = json.loads((out / "checkpoints" / f"step_{step}" / "apc_run.json").read_text())
+    assert saved["step"] == step and step >= 6
+    assert (out / "checkpoints" / f"step_{step}" / "random_states_1.pkl").is_file()
+    assert "]: Traceback" not in stderr  # no training process failed on the way ("[rank1]: Traceback ...")
+
+
 # ------------------------------------------------------------------------------------------------ push
 
 

@@ -49,14 +49,28 @@ def sample_rng(seed: int, epoch: int, key: int | str) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), int(key)])
 
 
-def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: the worker ignores SIGINT.
+# How long a DataLoader worker goes on delivering batches after a SIGTERM: time for the main process to reach a step
+# all processes agree on and save it (launchers and SLURM send SIGKILL 30 s after their SIGTERM anyway).
+WORKER_STOP_GRACE_SECONDS = 60
 
-    Ctrl-C reaches the terminal's whole process group; apc-train's main process turns it into a checkpoint and a
-    clean stop (``train.StopOnSignal``) and still needs batches until the step ends, while a worker left alone would
-    exit on it. SIGTERM keeps its default: the DataLoader and multiprocessing stop workers with it.
+
+def defer_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGINT and goes on for a while after a SIGTERM.
+
+    Ctrl-C, a cluster's SIGTERM (SLURM signals every process of the job) or a launcher's (``accelerate launch`` /
+    torchrun relay theirs to each training process's group) reach the workers too. apc-train's main process turns the
+    signal into a checkpoint and a clean stop (``train.StopOnSignal``) and needs batches until then: with several
+    processes, up to the next logging step. So the worker ignores SIGINT, and a SIGTERM (and any repeat of it) ends it
+    only after :data:`WORKER_STOP_GRACE_SECONDS`, unless the DataLoader has shut it down before, as it does at the
+    end of the run; a worker whose main process is gone exits by itself.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _start_stop_grace_period)
+
+
+def _start_stop_grace_period(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.alarm(WORKER_STOP_GRACE_SECONDS)  # SIGALRM's default action then ends the worker
 
 
 def _normalise(image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
