@@ -305,6 +305,11 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(signum
         with pytest.raises(SystemExit) as error:
             train.main(run + ["--output_dir", str(stopped)])
     assert error.value.code == 128 + signum
+    # Its workers outlive the SIGTERM for a while (so a run's loop gets its batches until the stop); a process would
+    # now exit and take them along, this one goes on to the next test.
+    for child in psutil.Process().children():
+        if child.name() == "pt_data_worker":
+            child.kill()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     assert f"stopped by {signal.Signals(signum).name} after step 4 of 7" in capsys.readouterr().err
     assert [p.name for p in train.list_checkpoints(stopped)] == ["step_4"]
