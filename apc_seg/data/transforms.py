@@ -70,7 +70,8 @@ def defer_stop_signals(worker_id: int) -> None:
 
 def _start_stop_grace_period(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.alarm(WORKER_STOP_GRACE_SECONDS)  # SIGALRM's default action then ends the worker
+    if hasattr(signal, "alarm"):  # not on Windows, which has no SIGTERM to defer either
+        signal.alarm(WORKER_STOP_GRACE_SECONDS)  # SIGALRM's default action then ends the worker
 
 
 def _normalise(image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
