@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import io
 import json
 import sys
 from pathlib import Path
@@ -102,6 +103,22 @@ class _EvalSamples(torch.utils.data.Dataset):
         return sample
 
 
+def _image_sizes(dataset, indices: list[int]) -> list[tuple[int, int]]:
+    """`(width, height)` of the images at `indices`, from their file headers: nothing is decoded."""
+    import datasets
+    from PIL import Image
+
+    if not (isinstance(dataset, datasets.Dataset) and isinstance(dataset.features.get("image"), datasets.Image)):
+        return [dataset[i]["image"].size for i in indices]  # PIL images open lazily
+    files = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    sizes = []
+    for i in indices:
+        stored = files[i]["image"]
+        with Image.open(io.BytesIO(stored["bytes"]) if stored["bytes"] is not None else stored["path"]) as image:
+            sizes.append(image.size)
+    return sizes
+
+
 def _same_size_batches(samples, batch_size: int):
     """Consecutive samples of equal image size, at most `batch_size` each: batching never pads an image."""
     batch = []
@@ -156,6 +173,11 @@ def evaluate(
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     indices = list(range(rank, count, world))
+    if batch_size > 1:
+        # Same-size images in a row, so batches fill up: VOC's val alternates 500x375, 375x500 and other sizes, and
+        # its images one by one keep a GPU waiting on kernel launches. The confusion matrix is a sum: order is free.
+        sizes = _image_sizes(dataset, indices)
+        indices = [index for _, index in sorted(zip(sizes, indices), key=lambda pair: (pair[0][1], pair[0][0]))]
     metric = StreamingConfusionMatrix(num_labels, device=device)
     was_training = model.training
     model.eval()

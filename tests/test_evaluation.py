@@ -119,6 +119,32 @@ def test_evaluate_multi_scale_flip_on_odd_sizes_matches_a_brute_force_count(tiny
     assert single["num_pixels"] == result["num_pixels"]
 
 
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_images_of_one_size_are_batched_together_wherever_they_are_in_the_split(tiny_model, as_dataset, monkeypatch):
+    # VOC's val alternates sizes; batching only neighbours would give batches of one. Same metric as one by one.
+    import datasets
+
+    from apc_seg import evaluation
+
+    dataset = [example(*((24, 40) if i % 2 else (40, 24)), seed=i) for i in range(6)]
+    if as_dataset:  # sizes then come from the stored files' headers
+        dataset = datasets.Dataset.from_list(dataset, features=datasets.Features({
+            "image": datasets.Image(), "mask": datasets.Image(),
+            "class_labels": datasets.List(datasets.Value("int64"))}))
+    one_by_one = evaluate(tiny_model, dataset, batch_size=1)
+    calls = []
+
+    def predict(model, pixel_values, scales, flip):
+        calls.append(tuple(pixel_values.shape))
+        return predict_probabilities(model, pixel_values, scales, flip)
+
+    monkeypatch.setattr(evaluation, "predict_probabilities", predict)
+    batched = evaluate(tiny_model, dataset, batch_size=3)
+    assert sorted(calls) == [(3, 3, 24, 40), (3, 3, 40, 24)]
+    assert batched["per_class_iou"] == pytest.approx(one_by_one["per_class_iou"], abs=1e-6)
+    assert batched["num_pixels"] == one_by_one["num_pixels"]
+
+
 class ColourOracle(torch.nn.Module):
     """Knows that red is class 1, but only per 8x8 patch: upsampled, its boundaries blur across patch edges."""
 
