@@ -35,7 +35,9 @@ from apc_seg.train import prefer_flash_attention  # noqa: E402
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
 VOC_STEPS, VOC_BATCH, COCO_STEPS = 20_000, 8, 80_000
-VOC_IMAGE_SIDE = 448  # about a VOC photo's pixel count (500 x 375)
+# Width x height of the validation stand-ins, in turn: VOC photographs are 500 px on their long side, most often
+# 500 x 375, in both orientations and a few other heights (the mix decides how full `evaluate`'s same-size batches get).
+VOC_IMAGE_SIZES = [(500, 375), (375, 500), (500, 333), (500, 375), (500, 281), (500, 375), (333, 500), (500, 366)]
 VOC_VALIDATION_IMAGES = 10 * 1_449 + 500  # the VOC recipe: val every 2k of 20k steps, then 500 pseudo-label images
 
 
@@ -156,8 +158,9 @@ class OperatorCounter(TorchDispatchMode):
 def measure_validation(args) -> dict:
     """Images/s of `evaluate` (apc-train's validation: full images, decoding in workers) with the fast model.
 
-    Synthetic images at 448 px, JPEG-encoded, stand in for VOC val (they decode about as fast as VOC's photographs,
-    docs/benchmarks.md, and the model's cost depends on the size only); the projection counts the VOC recipe's 10
+    Synthetic images in VOC's sizes (`VOC_IMAGE_SIZES`), JPEG-encoded, stand in for VOC val (such images decode about
+    as fast as VOC's photographs, docs/benchmarks.md, and the model's cost depends on the size only); the projection
+    counts the VOC recipe's 10
     validations of 1,449 images plus the 500-image pseudo-label score (at the same rate, though PAR makes those
     slower).
     """
@@ -173,7 +176,9 @@ def measure_validation(args) -> dict:
     model = build(args.small, True, args.crop_size, args.max_classes).to(device)
     dataset = []
     for i in range(args.eval_images):
-        image, mask = render(np.random.default_rng(i), VOC_IMAGE_SIDE, [1 + i % 3])
+        width, height = VOC_IMAGE_SIZES[i % len(VOC_IMAGE_SIZES)]
+        image, mask = render(np.random.default_rng(i), max(width, height), [1 + i % 3])
+        image, mask = np.ascontiguousarray(image[:height, :width]), np.ascontiguousarray(mask[:height, :width])
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, "JPEG", quality=95)
         dataset.append({"image": Image.open(io.BytesIO(buffer.getvalue())), "mask": Image.fromarray(mask),
@@ -279,7 +284,7 @@ def main(argv=None) -> int:
     validation = measure_validation(args) if args.eval_images else None
     if validation:
         print(f"Validation: {validation['images_per_s']:.1f} images/s ({args.eval_images} synthetic "
-              f"{VOC_IMAGE_SIDE} px JPEGs, {args.eval_workers} workers); the VOC recipe's "
+              f"VOC-sized JPEGs, {args.eval_workers} workers); the VOC recipe's "
               f"{VOC_VALIDATION_IMAGES} images add {validation['voc_minutes']:.1f} min: "
               f"{voc_minutes + validation['voc_minutes']:.1f} min in all.")
     if args.json:
