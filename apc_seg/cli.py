@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -47,6 +48,27 @@ def add_preprocessing_num_workers(parser) -> None:
         "--preprocessing_num_workers", type=positive_int, default=default_num_workers(),
         help="Processes that decode and check the images when a VOC / COCO split is first built and cached "
              "(default: the CPU count, at most 8; 1,000 images per process at least; the cache is the same).")
+
+
+def usable_mixed_precision(requested: str, flag_given: bool) -> str:
+    """The `--mixed_precision` this machine can run, or `ValueError` naming the flag.
+
+    No GPU: "no" (bf16 autocast on a CPU is slower than fp32 for these ops; results match within tolerance). A GPU
+    without bf16 (V100, T4, ...) and a recipe's bf16: fp16, with a notice; asked for by the flag, bf16 there is an
+    error that says what to use instead.
+    """
+    import torch
+
+    if requested == "no" or not torch.cuda.is_available():
+        return "no"
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        gpu = torch.cuda.get_device_name()
+        if flag_given:
+            raise ValueError(f"--mixed_precision bf16: the {gpu} has no bf16; use --mixed_precision fp16 (or no)")
+        print(f"The recipe's bf16 is not supported by the {gpu}: training in fp16 (--mixed_precision to choose).",
+              file=sys.stderr)
+        return "fp16"
+    return requested
 
 
 def parse_scales(text: str) -> tuple[float, ...]:

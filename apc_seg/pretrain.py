@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .cli import OneLineParser, add_preprocessing_num_workers, non_negative_int, positive_int
+from .cli import OneLineParser, add_preprocessing_num_workers, non_negative_int, positive_int, usable_mixed_precision
 
 def _synthetic_backbone() -> dict[str, Any]:
     """The synthetic recipe's tiny ViT: the one apc-train trains on, defined once in its RECIPES."""
@@ -102,6 +102,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--mask_ratio {args.mask_ratio} must be in [0, 1)")
     if args.backbone_overrides and args.model_name_or_path:
         parser.error("--backbone_overrides applies to a backbone from scratch, not to --model_name_or_path")
+    try:
+        args.mixed_precision = usable_mixed_precision(args.mixed_precision, flag_given=True)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -274,8 +278,6 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if args.mixed_precision != "no" and not torch.cuda.is_available():
-        args.mixed_precision = "no"
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, log_with=report_to,

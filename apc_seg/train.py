@@ -27,7 +27,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
-from .cli import OneLineParser, add_preprocessing_num_workers, non_negative_int, positive_int
+from .cli import OneLineParser, add_preprocessing_num_workers, non_negative_int, positive_int, usable_mixed_precision
 
 RECIPES: dict[str, dict[str, Any]] = {
     # ToCo/APC VOC setting: train_aug, 448 crops, global batch 8, 20k steps, 1.5k warm-up, bf16 on GPU.
@@ -155,11 +155,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     recipe = RECIPES[args.recipe]
     stem_given = args.backbone_stem is not None
+    precision_given = args.mixed_precision is not None
     for key in _RECIPE_KEYS:
         if getattr(args, key, None) is None:
             setattr(args, key, recipe.get(key))
     if args.model_name_or_path in ("none", ""):
         args.model_name_or_path = None
+    try:
+        args.mixed_precision = usable_mixed_precision(args.mixed_precision, precision_given)
+    except ValueError as error:
+        parser.error(str(error))
     if args.dataset != "synthetic" and not args.data_dir:
         parser.error(f"--data_dir is required for --dataset {args.dataset} (see docs/data.md for the layout)")
     if args.data_dir and not Path(args.data_dir).is_dir():
@@ -479,8 +484,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .image_processing_apc import APCImageProcessor
 
     output_dir = Path(args.output_dir)
-    if args.mixed_precision != "no" and not torch.cuda.is_available():
-        args.mixed_precision = "no"  # bf16 on a CPU is slower than fp32 for these ops; results match within tolerance
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         cpu=launched_without_gpus(),  # several processes on a machine without GPUs: gloo on the CPUs
