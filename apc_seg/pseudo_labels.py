@@ -100,8 +100,8 @@ def par_refine(
     distance = _offset_distances(tuple(o[2] for o in offsets), image.device)
     pos_aff = -((distance / (distance.std() + 1e-8) / w1) ** 2)
     affinity = F.softmax(colour_aff, dim=2) + w2 * F.softmax(pos_aff, dim=0).view(1, 1, -1, 1, 1)
-    # Two schedules of the same sum (equal within float rounding, tested): the loop is faster on a CPU, the gather
-    # launches 16x fewer kernels, which is what bounds the step on a GPU.
+    # Two schedules of the same sum (equal within float rounding, tested): the loop is 3-4x faster on a CPU; on a GPU
+    # the gather is 2x faster alone (H200: 5.3 vs 11.0 ms) and launches 16x fewer kernels, which bound the step there.
     propagate = _propagate_by_shifts if probs.device.type == "cpu" else _propagate_by_gather
     refined = propagate(probs.float(), affinity, offsets, iterations)
     return refined / refined.sum(dim=1, keepdim=True).clamp_min(_EPS)
