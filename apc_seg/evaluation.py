@@ -112,8 +112,7 @@ def _image_sizes(dataset, indices: list[int]) -> list[tuple[int, int]]:
         return [dataset[i]["image"].size for i in indices]  # PIL images open lazily
     files = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
     sizes = []
-    for i in indices:
-        stored = files[i]["image"]
+    for stored in files[indices]["image"]:
         with Image.open(io.BytesIO(stored["bytes"]) if stored["bytes"] is not None else stored["path"]) as image:
             sizes.append(image.size)
     return sizes
