@@ -176,7 +176,7 @@ def evaluate(
         # Same-size images in a row, so batches fill up: VOC's val alternates 500x375, 375x500 and other sizes, and
         # its images one by one keep a GPU waiting on kernel launches. The confusion matrix is a sum: order is free.
         sizes = _image_sizes(dataset, indices)
-        indices = [index for _, index in sorted(zip(sizes, indices), key=lambda pair: (pair[0][1], pair[0][0]))]
+        indices = [index for _, index in sorted(zip(sizes, indices))]
     metric = StreamingConfusionMatrix(num_labels, device=device)
     was_training = model.training
     model.eval()

@@ -160,9 +160,8 @@ def measure_validation(args) -> dict:
 
     Synthetic images in VOC's sizes (`VOC_IMAGE_SIZES`), JPEG-encoded, stand in for VOC val (such images decode about
     as fast as VOC's photographs, docs/benchmarks.md, and the model's cost depends on the size only); the projection
-    counts the VOC recipe's 10
-    validations of 1,449 images plus the 500-image pseudo-label score (at the same rate, though PAR makes those
-    slower).
+    counts the VOC recipe's 10 validations of 1,449 images plus the 500-image pseudo-label score (at the same rate,
+    though PAR makes those slower).
     """
     import io
 
